@@ -1,0 +1,617 @@
+//! The pipeline: error feedback + momentum → selection → quantisation → wire format.
+//!
+//! [`Compressor`] is a few words of configuration and counters; the tensors it works on
+//! (residual, velocity, scratch) are lent by the caller in [`Buffers`], so the whole path
+//! runs without a heap. [`crate::OwnedCompressor`] (feature `alloc`) owns them instead.
+
+use crate::feedback::{accumulate, accumulate_one, all_finite, Momentum};
+use crate::float::{abs, mag_bits};
+use crate::quant::{Quant, Quantizer, ValueStats};
+use crate::rng::{self, Purpose};
+use crate::select::{
+    k_for_density, kth_largest, threshold_list_cap, SamplePlan, Selection, Target,
+    ThresholdController,
+};
+use crate::wire::crc::crc32c;
+use crate::wire::{max_encoded_len, BitWriter, Header, IndexCost, IndexWriter, CHECKSUM_LEN};
+use crate::Error;
+
+/// Everything that shapes a message.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Config {
+    /// Which entries are sent.
+    pub selection: Selection,
+    /// How their values are coded.
+    pub quant: Quant,
+    /// Momentum correction before selection.
+    pub momentum: Momentum,
+    /// Seed of the sampling and stochastic-rounding streams.
+    pub seed: u64,
+}
+
+impl Config {
+    /// Plain error feedback with f32 values.
+    pub const fn new(selection: Selection) -> Self {
+        Config {
+            selection,
+            quant: Quant::F32,
+            momentum: Momentum::None,
+            seed: 0,
+        }
+    }
+
+    /// Checks every option's range.
+    pub fn validate(&self) -> Result<(), Error> {
+        let density_ok = |d: f32| d > 0.0 && d <= 1.0;
+        let ok = match self.selection {
+            Selection::Dense => true,
+            Selection::Threshold(t) => t >= 0.0 && t.is_finite(),
+            Selection::TopK { density, .. } => density_ok(density),
+            Selection::Adaptive(Target::Density(d)) => density_ok(d),
+            Selection::Adaptive(Target::Bytes(b)) => b > 0,
+        };
+        let m = self.momentum.factor();
+        let momentum_ok = (0.0..1.0).contains(&m);
+        let quant_ok = !matches!(self.quant, Quant::Qsgd { levels: 0 });
+        if ok && momentum_ok && quant_ok {
+            Ok(())
+        } else {
+            Err(Error::InvalidConfig)
+        }
+    }
+}
+
+/// The caller-owned tensors of one compressor.
+#[derive(Debug)]
+pub struct Buffers<'a> {
+    /// Error-feedback residual, `numel` elements (zeros at the start).
+    pub residual: &'a mut [f32],
+    /// Momentum velocity, `numel` elements when momentum is on, may be empty otherwise.
+    pub velocity: &'a mut [f32],
+    /// Working space of at least [`Compressor::scratch_len`] words; contents do not matter.
+    pub scratch: &'a mut [u32],
+}
+
+/// What the last call to [`Compressor::compress`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepInfo {
+    /// Bytes of the message.
+    pub bytes: usize,
+    /// Entries sent.
+    pub nnz: usize,
+}
+
+/// A compressor for one tensor of `numel` float32 elements.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Compressor {
+    config: Config,
+    numel: usize,
+    /// Messages produced so far: part of the state, it seeds each message's streams.
+    pub step: u64,
+    /// Adaptive threshold state (unused by the other selections).
+    pub controller: ThresholdController,
+}
+
+/// Which entries the selection picked; the emission loops iterate it twice (statistics,
+/// then encoding), so it must be a pure function of `v` and the scratch list.
+#[derive(Clone, Copy, Debug)]
+enum Picked {
+    All,
+    /// Indices in `scratch[start..start + len]`, increasing.
+    List {
+        start: usize,
+        len: usize,
+    },
+    /// `|v| > above`, or `|v| == above` for the first `ties` such, at most `limit` in all.
+    Scan {
+        above: u32,
+        ties: usize,
+        limit: usize,
+    },
+}
+
+impl Compressor {
+    /// A compressor with zero state. Fails on out-of-range options or `numel > u32::MAX`.
+    pub fn new(config: Config, numel: usize) -> Result<Self, Error> {
+        config.validate()?;
+        if numel as u64 > u32::MAX as u64 {
+            return Err(Error::InvalidConfig);
+        }
+        Ok(Compressor {
+            config,
+            numel,
+            step: 0,
+            controller: ThresholdController::new(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Elements per tensor.
+    pub fn numel(&self) -> usize {
+        self.numel
+    }
+
+    /// Velocity elements needed (0 without momentum).
+    pub fn velocity_len(&self) -> usize {
+        if self.config.momentum.has_velocity() {
+            self.numel
+        } else {
+            0
+        }
+    }
+
+    /// Scratch words needed.
+    pub fn scratch_len(&self) -> usize {
+        let n = self.numel;
+        match self.config.selection {
+            Selection::Dense => 0,
+            Selection::Threshold(_) => threshold_list_cap(n),
+            Selection::TopK { exact: true, .. } => n,
+            Selection::TopK {
+                density,
+                exact: false,
+            } => SamplePlan::new(n, k_for_density(density, n)).scratch_len(n),
+            // Calibration steps run a sampled top-k whose k depends on the measured message
+            // sizes; a sampled plan never needs more than `n` words.
+            Selection::Adaptive(_) => n,
+        }
+    }
+
+    /// The largest message this compressor can produce: size `out` with this.
+    pub fn max_message_len(&self) -> usize {
+        max_encoded_len(self.numel, self.config.quant)
+    }
+
+    /// Compresses one gradient into `out` and updates the state; returns the message length.
+    ///
+    /// On [`Error::NonFiniteGradient`] and on length errors the state is unchanged.
+    pub fn compress(
+        &mut self,
+        bufs: Buffers<'_>,
+        grad: &[f32],
+        out: &mut [u8],
+    ) -> Result<StepInfo, Error> {
+        let n = self.numel;
+        let Buffers {
+            residual,
+            velocity,
+            scratch,
+        } = bufs;
+        if grad.len() != n || residual.len() != n || velocity.len() < self.velocity_len() {
+            return Err(Error::LengthMismatch);
+        }
+        if out.len() < self.max_message_len() {
+            return Err(Error::BufferTooSmall);
+        }
+        if scratch.len() < self.scratch_len() {
+            return Err(Error::ScratchTooSmall);
+        }
+        if !all_finite(grad) {
+            return Err(Error::NonFiniteGradient);
+        }
+        let velocity = &mut velocity[..self.velocity_len()];
+        let cfg = self.config;
+        let (picked, target) = self.select(residual, velocity, grad, scratch)?;
+
+        // Pass 1 over the picked entries: value statistics and the exact index costs.
+        let (need_max, need_abs, need_sq) = cfg.quant.needs();
+        let mut stats = ValueStats::default();
+        let mut cost = IndexCost::new();
+        let mut nnz = 0usize;
+        let mut min_mag = u32::MAX;
+        for_each_picked(picked, scratch, residual, |i, v| {
+            let v = *v;
+            cost.push(i);
+            nnz += 1;
+            min_mag = min_mag.min(mag_bits(v));
+            if need_max {
+                stats.max_abs = stats.max_abs.max(abs(v));
+            }
+            if need_abs {
+                stats.sum_abs += abs(v) as f64;
+            }
+            if need_sq {
+                stats.sum_sq += v as f64 * v as f64;
+            }
+        });
+        let (index, index_len) = cost.choose(n);
+        let scale = cfg.quant.scale(&stats, nnz);
+        let stream = if cfg.quant.is_stochastic() {
+            rng::stream(cfg.seed, self.step, Purpose::Rounding)
+        } else {
+            0
+        };
+        let header = Header {
+            numel: n as u32,
+            nnz: nnz as u32,
+            quant: cfg.quant,
+            index,
+            scale,
+            stream,
+        };
+        let header_len = header.write(out)?;
+        let values_len = cfg
+            .quant
+            .value_bytes(nnz as u64)
+            .ok_or(Error::BufferTooSmall)? as usize;
+        let total = header_len + index_len + values_len + CHECKSUM_LEN;
+        let body = out
+            .get_mut(header_len..total)
+            .ok_or(Error::BufferTooSmall)?;
+        let (index_region, values_region) = body.split_at_mut(index_len);
+        let (values_region, _) = values_region.split_at_mut(values_len);
+
+        // Pass 2: write index and value codes, leave the quantisation error in the residual.
+        let q = Quantizer::new(cfg.quant, scale, stream);
+        let mut indices = IndexWriter::new(index, index_region);
+        let mut values = ValueWriter::new(cfg.quant, values_region);
+        let mask_velocity = cfg.momentum.has_velocity();
+        for_each_picked(picked, scratch, residual, |i, v| {
+            let code = q.encode(*v, i as u32);
+            indices.push(i);
+            values.push(code);
+            *v -= q.decode(code);
+            if mask_velocity {
+                if let Some(u) = velocity.get_mut(i) {
+                    *u = 0.0;
+                }
+            }
+        });
+        if !indices.finish() || !values.finish() {
+            return Err(Error::BufferTooSmall);
+        }
+        let crc = crc32c(&out[..total - CHECKSUM_LEN]);
+        out[total - CHECKSUM_LEN..total].copy_from_slice(&crc.to_le_bytes());
+
+        if let Selection::Adaptive(_) = cfg.selection {
+            if self.controller.threshold <= 0.0 {
+                // Calibration step: the smallest magnitude that made it into the top-k.
+                self.controller.threshold = if nnz > 0 {
+                    f32::from_bits(min_mag)
+                } else {
+                    0.0
+                };
+                self.controller.bits_per_entry = if nnz > 0 {
+                    total as f32 * 8.0 / nnz as f32
+                } else {
+                    0.0
+                };
+            } else {
+                self.controller.update(nnz, target, total);
+            }
+        }
+        self.step += 1;
+        Ok(StepInfo { bytes: total, nnz })
+    }
+
+    /// Accumulates the gradient into the residual and picks the entries to send.
+    /// Returns the pick and the target count (for the adaptive controller).
+    fn select(
+        &mut self,
+        r: &mut [f32],
+        u: &mut [f32],
+        g: &[f32],
+        scratch: &mut [u32],
+    ) -> Result<(Picked, usize), Error> {
+        let n = self.numel;
+        let m = self.config.momentum;
+        let finish = |(count, finite): (usize, bool)| {
+            if finite {
+                Ok(count)
+            } else {
+                Err(Error::Overflow)
+            }
+        };
+        match self.config.selection {
+            Selection::Dense => {
+                finish(accumulate(m, r, u, g, None, &mut []))?;
+                Ok((Picked::All, n))
+            }
+            Selection::Threshold(wt) => Ok((self.threshold_pick(r, u, g, scratch, wt)?, n)),
+            Selection::TopK { density, exact } => {
+                let k = k_for_density(density, n);
+                Ok((self.top_k(r, u, g, scratch, k, exact)?, k))
+            }
+            Selection::Adaptive(target) => {
+                let k = self
+                    .controller
+                    .target_count(target, n, self.config.quant.code_bits());
+                if self.controller.threshold > 0.0 {
+                    let wt = self.controller.threshold;
+                    Ok((self.threshold_pick(r, u, g, scratch, wt)?, k))
+                } else {
+                    Ok((self.top_k(r, u, g, scratch, k, false)?, k))
+                }
+            }
+        }
+    }
+
+    fn threshold_pick(
+        &self,
+        r: &mut [f32],
+        u: &mut [f32],
+        g: &[f32],
+        scratch: &mut [u32],
+        wt: f32,
+    ) -> Result<Picked, Error> {
+        let t = mag_bits(wt);
+        let cap = threshold_list_cap(self.numel).min(scratch.len());
+        let (count, finite) =
+            accumulate(self.config.momentum, r, u, g, Some(t), &mut scratch[..cap]);
+        if !finite {
+            return Err(Error::Overflow);
+        }
+        Ok(if count <= cap {
+            Picked::List {
+                start: 0,
+                len: count,
+            }
+        } else {
+            Picked::Scan {
+                above: t,
+                ties: usize::MAX,
+                limit: usize::MAX,
+            }
+        })
+    }
+
+    fn top_k(
+        &self,
+        r: &mut [f32],
+        u: &mut [f32],
+        g: &[f32],
+        scratch: &mut [u32],
+        k: usize,
+        exact: bool,
+    ) -> Result<Picked, Error> {
+        let n = self.numel;
+        let m = self.config.momentum;
+        let plan = SamplePlan::new(n, k);
+        if k == 0 {
+            let (_, finite) = accumulate(m, r, u, g, None, &mut []);
+            return if finite {
+                Ok(Picked::List { start: 0, len: 0 })
+            } else {
+                Err(Error::Overflow)
+            };
+        }
+        if exact || plan.exact {
+            let (_, finite) = accumulate(m, r, u, g, None, &mut []);
+            if !finite {
+                return Err(Error::Overflow);
+            }
+            let mags = &mut scratch[..n];
+            for (d, v) in mags.iter_mut().zip(r.iter()) {
+                *d = mag_bits(*v);
+            }
+            let (t, greater) = kth_largest(mags, k);
+            // Zeros are never worth sending: with fewer than k non-zeros, send those.
+            return Ok(if t == 0 {
+                Picked::Scan {
+                    above: 0,
+                    ties: 0,
+                    limit: usize::MAX,
+                }
+            } else {
+                Picked::Scan {
+                    above: t,
+                    ties: k - greater,
+                    limit: usize::MAX,
+                }
+            });
+        }
+
+        // DGC sampled threshold: sample v on the fly (before the state changes), so the
+        // candidates can be gathered during the accumulation pass itself.
+        let (sample, rest) = scratch.split_at_mut(plan.sample);
+        let (list, rest) = rest.split_at_mut(plan.cap);
+        let cand_mags = &mut rest[..plan.cap];
+        let stream = rng::stream(self.config.seed, self.step, Purpose::Sampling);
+        let fill_sample = |sample: &mut [u32], r: &[f32], u: &[f32]| {
+            for (j, s) in sample.iter_mut().enumerate() {
+                let i = rng::below(stream, j as u32, n as u32) as usize;
+                let (ri, ui, gi) = (r[i], u.get(i).copied().unwrap_or(0.0), g[i]);
+                *s = mag_bits(accumulate_one(m, ri, ui, gi).0);
+            }
+        };
+        fill_sample(sample, r, u);
+        let mut aim = 1.2 * k as f64;
+        let mut t = kth_largest(sample, plan.hits_for(n, aim)).0.max(1);
+        let (mut count, finite) = accumulate(m, r, u, g, Some(t), list);
+        if !finite {
+            return Err(Error::Overflow);
+        }
+        // Re-estimate a few times if the sample misled us (r now holds v: read-only passes).
+        for _ in 0..4 {
+            let low = (count as f64) < 0.8 * k as f64;
+            if count > plan.cap {
+                aim *= 0.6;
+            } else if low && t > 1 {
+                aim *= 1.6;
+            } else {
+                break;
+            }
+            let h = plan.hits_for(n, aim);
+            t = kth_largest(sample, h).0.max(1);
+            if low && h == plan.sample {
+                t = 1; // the whole sample is below the target: take every non-zero
+            }
+            count = gather(r, t, list);
+        }
+        if count > plan.cap {
+            // Still overflowing (e.g. many equal magnitudes): the first k at or above t.
+            return Ok(Picked::Scan {
+                above: t,
+                ties: usize::MAX,
+                limit: k,
+            });
+        }
+        if count > k {
+            for (d, &i) in cand_mags.iter_mut().zip(list.iter().take(count)) {
+                *d = mag_bits(r[i as usize]);
+            }
+            let (tk, greater) = kth_largest(&mut cand_mags[..count], k);
+            let mut ties = k - greater;
+            let mut kept = 0;
+            for j in 0..count {
+                let i = list[j];
+                let mag = mag_bits(r[i as usize]);
+                let keep = mag > tk || (mag == tk && ties > 0);
+                if mag == tk && keep {
+                    ties -= 1;
+                }
+                if keep {
+                    list[kept] = i;
+                    kept += 1;
+                }
+            }
+            count = kept;
+        }
+        Ok(Picked::List {
+            start: plan.sample,
+            len: count,
+        })
+    }
+}
+
+/// Read-only candidate gathering over `v` (already accumulated into `r`).
+fn gather(r: &[f32], t: u32, list: &mut [u32]) -> usize {
+    let mut count = 0;
+    for (i, v) in r.iter().enumerate() {
+        if mag_bits(*v) >= t {
+            if let Some(slot) = list.get_mut(count) {
+                *slot = i as u32;
+            }
+            count += 1;
+        }
+    }
+    count
+}
+
+/// Calls `f(index, &mut v)` for each picked entry in increasing index order.
+#[inline(always)]
+fn for_each_picked(
+    picked: Picked,
+    scratch: &[u32],
+    r: &mut [f32],
+    mut f: impl FnMut(usize, &mut f32),
+) {
+    match picked {
+        Picked::All => {
+            for (i, v) in r.iter_mut().enumerate() {
+                f(i, v);
+            }
+        }
+        Picked::List { start, len } => {
+            for &i in scratch.get(start..start + len).unwrap_or(&[]) {
+                if let Some(v) = r.get_mut(i as usize) {
+                    f(i as usize, v);
+                }
+            }
+        }
+        Picked::Scan {
+            above,
+            mut ties,
+            limit,
+        } => {
+            let mut taken = 0;
+            for (i, v) in r.iter_mut().enumerate() {
+                let mag = mag_bits(*v);
+                if mag > above || (mag == above && ties > 0) {
+                    if mag == above {
+                        ties -= 1;
+                    }
+                    if taken == limit {
+                        break;
+                    }
+                    taken += 1;
+                    f(i, v);
+                }
+            }
+        }
+    }
+}
+
+/// Packs value codes: fixed-width bit fields, or five base-3 digits per byte for ternary.
+enum ValueWriter<'a> {
+    Bits {
+        bits: BitWriter<'a>,
+        width: u32,
+    },
+    Trits {
+        out: &'a mut [u8],
+        pos: usize,
+        acc: u32,
+        weight: u32,
+        ok: bool,
+    },
+}
+
+impl<'a> ValueWriter<'a> {
+    fn new(quant: Quant, out: &'a mut [u8]) -> Self {
+        match quant {
+            Quant::Ternary => ValueWriter::Trits {
+                out,
+                pos: 0,
+                acc: 0,
+                weight: 1,
+                ok: true,
+            },
+            q => ValueWriter::Bits {
+                bits: BitWriter::new(out),
+                width: q.code_bits(),
+            },
+        }
+    }
+
+    #[inline(always)]
+    fn push(&mut self, code: u32) {
+        match self {
+            ValueWriter::Bits { bits, width } => bits.put(code, *width),
+            ValueWriter::Trits {
+                out,
+                pos,
+                acc,
+                weight,
+                ok,
+            } => {
+                *acc += code * *weight;
+                *weight *= 3;
+                if *weight == 243 {
+                    match out.get_mut(*pos) {
+                        Some(b) => *b = *acc as u8,
+                        None => *ok = false,
+                    }
+                    *pos += 1;
+                    *acc = 0;
+                    *weight = 1;
+                }
+            }
+        }
+    }
+
+    fn finish(self) -> bool {
+        match self {
+            ValueWriter::Bits { bits, .. } => bits.finish().is_some(),
+            ValueWriter::Trits {
+                out,
+                pos,
+                acc,
+                weight,
+                ok,
+            } => {
+                if weight > 1 {
+                    match out.get_mut(pos) {
+                        Some(b) => *b = acc as u8,
+                        None => return false,
+                    }
+                }
+                ok
+            }
+        }
+    }
+}

@@ -1,0 +1,334 @@
+//! Property tests of the pipeline: error feedback, selection rules, quantiser bounds.
+
+mod common;
+
+use common::*;
+use iotcompress_core::feedback::Momentum;
+use iotcompress_core::{decode_to_vec, k_for_density, Quant, Selection, Target};
+use proptest::prelude::*;
+
+fn gradient_strategy() -> impl Strategy<Value = (usize, u64, f32)> {
+    (
+        1usize..400,
+        any::<u64>(),
+        prop_oneof![Just(1e-3f32), Just(1.0f32), Just(1e3f32)],
+    )
+}
+
+/// v = r_old (+) momentum-corrected g, as the core defines it, with the new velocity.
+fn expected_v(m: Momentum, r: &[f32], u: &[f32], g: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let mut v = Vec::with_capacity(g.len());
+    let mut un = Vec::with_capacity(g.len());
+    for i in 0..g.len() {
+        let ui = u.get(i).copied().unwrap_or(0.0);
+        let (vi, uni) = match m {
+            Momentum::None => (r[i] + g[i], ui),
+            Momentum::Vanilla(f) => {
+                let x = f * ui + g[i];
+                (r[i] + x, x)
+            }
+            Momentum::Nesterov(f) => {
+                let x = f * (ui + g[i]);
+                (r[i] + x + g[i], x)
+            }
+        };
+        v.push(vi);
+        un.push(uni);
+    }
+    (v, un)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// decoded + r_new == v (= r_old + accumulated update) in every mode: bit-exact with
+    /// f32 values, within one f32 rounding otherwise; momentum is masked where sent.
+    #[test]
+    fn error_feedback_invariant((n, seed, scale) in gradient_strategy()) {
+        let mut rng = TestRng(seed | 1);
+        for sel in selections(scale) {
+            for quant in QUANTS {
+                for momentum in momenta() {
+                    let mut c = compressor(config(sel, quant, momentum, seed), n);
+                    for _step in 0..3 {
+                        let g = rng.normals(n, scale);
+                        let r_old = c.residual().to_vec();
+                        let u_old = c.velocity().to_vec();
+                        let msg = c.compress_to_vec(&g).unwrap();
+                        let d = decode_to_vec(&msg, n).unwrap();
+                        let (v, u_new) = expected_v(momentum, &r_old, &u_old, &g);
+                        let sent: std::collections::HashSet<usize> = entries(&msg).iter().map(|e| e.0).collect();
+                        for i in 0..n {
+                            let back = d[i] + c.residual()[i];
+                            if quant == Quant::F32 {
+                                prop_assert_eq!(back, v[i], "{:?} {:?} {:?} i={}", sel, quant, momentum, i);
+                            } else {
+                                let tol = 2.0 * f32::EPSILON * (v[i].abs() + d[i].abs());
+                                prop_assert!((back - v[i]).abs() <= tol, "{:?} {:?} {:?} i={} {} vs {}", sel, quant, momentum, i, back, v[i]);
+                            }
+                            if !sent.contains(&i) {
+                                prop_assert_eq!(c.residual()[i], v[i]);
+                            }
+                            if momentum != Momentum::None {
+                                let want = if sent.contains(&i) { 0.0 } else { u_new[i] };
+                                prop_assert_eq!(c.velocity()[i], want);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Threshold mode sends exactly the entries with |v| >= Wt.
+    #[test]
+    fn threshold_sends_exactly_large_entries((n, seed, scale) in gradient_strategy(), wt_frac in 0.0f32..3.0) {
+        let mut rng = TestRng(seed | 1);
+        let wt = wt_frac * scale;
+        for quant in QUANTS {
+            let mut c = compressor(config(Selection::Threshold(wt), quant, Momentum::None, seed), n);
+            for _ in 0..3 {
+                let g = rng.normals(n, scale);
+                let v: Vec<f32> = c.residual().iter().zip(&g).map(|(r, g)| r + g).collect();
+                let msg = c.compress_to_vec(&g).unwrap();
+                let sent: Vec<usize> = entries(&msg).iter().map(|e| e.0).collect();
+                let want: Vec<usize> = (0..n).filter(|&i| v[i].abs() >= wt).collect();
+                prop_assert_eq!(sent, want);
+            }
+        }
+    }
+
+    /// Exact top-k sends exactly k entries, the k largest; sampled never more than k.
+    #[test]
+    fn top_k_counts((n, seed, scale) in gradient_strategy(), density in 0.001f32..0.5) {
+        let mut rng = TestRng(seed | 1);
+        let k = k_for_density(density, n);
+        let mut exact = compressor(config(Selection::TopK { density, exact: true }, Quant::F32, Momentum::None, seed), n);
+        let mut sampled = compressor(config(Selection::TopK { density, exact: false }, Quant::F32, Momentum::None, seed), n);
+        for _ in 0..3 {
+            let g = rng.normals(n, scale);
+            let v: Vec<f32> = exact.residual().iter().zip(&g).map(|(r, g)| r + g).collect();
+            let msg = exact.compress_to_vec(&g).unwrap();
+            let sent = entries(&msg);
+            prop_assert_eq!(sent.len(), k);
+            let smallest_sent = sent.iter().map(|e| e.1.abs()).fold(f32::INFINITY, f32::min);
+            let sent_idx: std::collections::HashSet<usize> = sent.iter().map(|e| e.0).collect();
+            for i in (0..n).filter(|i| !sent_idx.contains(i)) {
+                prop_assert!(v[i].abs() <= smallest_sent);
+            }
+            let msg = sampled.compress_to_vec(&g).unwrap();
+            prop_assert!(entries(&msg).len() <= k);
+        }
+    }
+
+    /// Dense one-step roundtrip error is within each quantiser's stated bound.
+    #[test]
+    fn quantiser_error_bounds((n, seed, scale) in gradient_strategy()) {
+        let mut rng = TestRng(seed | 1);
+        let g = rng.normals(n, scale);
+        let max = g.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        let mean = g.iter().map(|x| x.abs() as f64).sum::<f64>() as f32 / n as f32;
+        let norm = g.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt() as f32;
+        for quant in QUANTS {
+            let mut c = compressor(config(Selection::Dense, quant, Momentum::None, seed), n);
+            let d = decode_to_vec(&c.compress_to_vec(&g).unwrap(), n).unwrap();
+            for i in 0..n {
+                let (x, e) = (g[i], (d[i] - g[i]).abs());
+                let bound = match quant {
+                    Quant::F32 => 0.0,
+                    Quant::F16 => x.abs() * 2f32.powi(-11) + 2f32.powi(-25),
+                    Quant::Bf16 => x.abs() * 2f32.powi(-8),
+                    Quant::Int8 => max / 127.0 * 0.5 * (1.0 + 1e-5),
+                    Quant::Int4 => max / 7.0 * 0.5 * (1.0 + 1e-5),
+                    Quant::Sign => x.abs().max(mean) * (1.0 + 1e-5),
+                    Quant::Ternary => max * (1.0 + 1e-6),
+                    Quant::Qsgd { levels } => norm / levels as f32 * (1.0 + 1e-5),
+                };
+                prop_assert!(e <= bound, "{:?}: |{} - {}| = {} > {}", quant, d[i], x, e, bound);
+            }
+        }
+    }
+}
+
+/// DGC's sampled top-k on ordinary (Gaussian) gradients sends between 0.8k and k.
+#[test]
+fn sampled_top_k_hits_at_least_80_percent() {
+    for (n, density) in [
+        (200_000usize, 0.001f32),
+        (200_000, 0.01),
+        (1_000_000, 0.001),
+        (50_000, 0.05),
+    ] {
+        let k = k_for_density(density, n);
+        for seed in 0..10u64 {
+            let mut rng = TestRng(seed * 7 + 3);
+            let mut c = compressor(
+                config(
+                    Selection::TopK {
+                        density,
+                        exact: false,
+                    },
+                    Quant::Int8,
+                    Momentum::Vanilla(0.9),
+                    seed,
+                ),
+                n,
+            );
+            for _ in 0..3 {
+                let g = rng.normals(n, 1e-2);
+                let sent = c.compress_to_vec(&g).unwrap();
+                let nnz = entries(&sent).len();
+                assert!(
+                    nnz <= k && nnz as f64 >= 0.8 * k as f64,
+                    "n={n} density={density} seed={seed}: {nnz} of {k}"
+                );
+            }
+        }
+    }
+}
+
+/// Pathological input: all magnitudes equal. Sampled top-k still never exceeds k.
+#[test]
+fn sampled_top_k_with_ties() {
+    let n = 100_000;
+    let k = k_for_density(0.001, n);
+    let mut c = compressor(
+        config(
+            Selection::TopK {
+                density: 0.001,
+                exact: false,
+            },
+            Quant::F32,
+            Momentum::None,
+            1,
+        ),
+        n,
+    );
+    let g = vec![0.5f32; n];
+    assert_eq!(entries(&c.compress_to_vec(&g).unwrap()).len(), k);
+    let mut e = compressor(
+        config(
+            Selection::TopK {
+                density: 0.001,
+                exact: true,
+            },
+            Quant::F32,
+            Momentum::None,
+            1,
+        ),
+        n,
+    );
+    let sent = entries(&e.compress_to_vec(&g).unwrap());
+    assert_eq!(sent.len(), k);
+    assert_eq!(
+        sent.iter().map(|e| e.0).collect::<Vec<_>>(),
+        (0..k).collect::<Vec<_>>(),
+        "ties go to lower indices"
+    );
+}
+
+/// The adaptive threshold converges to its target density and byte budget.
+#[test]
+fn adaptive_threshold_tracks_targets() {
+    let n = 100_000;
+    let mut rng = TestRng(99);
+    let mut c = compressor(
+        config(
+            Selection::Adaptive(Target::Density(0.01)),
+            Quant::Int8,
+            Momentum::None,
+            0,
+        ),
+        n,
+    );
+    let mut counts = Vec::new();
+    for _ in 0..30 {
+        let msg = c.compress_to_vec(&rng.normals(n, 1.0)).unwrap();
+        counts.push(entries(&msg).len());
+    }
+    let late: f64 = counts[20..].iter().sum::<usize>() as f64 / 10.0;
+    assert!(
+        (late / 1000.0 - 1.0).abs() < 0.25,
+        "density target: {counts:?}"
+    );
+
+    let mut c = compressor(
+        config(
+            Selection::Adaptive(Target::Bytes(2000)),
+            Quant::Int8,
+            Momentum::None,
+            0,
+        ),
+        n,
+    );
+    let mut sizes = Vec::new();
+    for _ in 0..30 {
+        sizes.push(c.compress_to_vec(&rng.normals(n, 1.0)).unwrap().len());
+    }
+    let late: f64 = sizes[20..].iter().sum::<usize>() as f64 / 10.0;
+    assert!((late / 2000.0 - 1.0).abs() < 0.25, "byte target: {sizes:?}");
+}
+
+/// QSGD and ternary are unbiased: the mean of decoded values over many seeds approaches v.
+#[test]
+fn stochastic_quantisers_are_unbiased() {
+    let n = 64;
+    let mut rng = TestRng(5);
+    let g = rng.normals(n, 1.0);
+    for quant in [Quant::Qsgd { levels: 4 }, Quant::Ternary] {
+        let trials = 4000;
+        let mut mean = vec![0.0f64; n];
+        for seed in 0..trials {
+            let mut c = compressor(config(Selection::Dense, quant, Momentum::None, seed), n);
+            let d = decode_to_vec(&c.compress_to_vec(&g).unwrap(), n).unwrap();
+            for i in 0..n {
+                mean[i] += d[i] as f64 / trials as f64;
+            }
+        }
+        let scale = match quant {
+            Quant::Ternary => g.iter().fold(0.0f32, |m, x| m.max(x.abs())) as f64,
+            _ => g.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt() / 4.0,
+        };
+        for i in 0..n {
+            // Each draw is within one unit of v: the standard error is at most unit/sqrt(trials).
+            let tol = 5.0 * scale / (trials as f64).sqrt();
+            assert!(
+                (mean[i] - g[i] as f64).abs() < tol,
+                "{quant:?} i={i}: {} vs {}",
+                mean[i],
+                g[i]
+            );
+        }
+    }
+}
+
+/// Gradients with NaN or infinity are refused and leave the state untouched.
+#[test]
+fn non_finite_gradient_is_refused_without_side_effects() {
+    let n = 100;
+    let mut c = compressor(
+        config(
+            Selection::TopK {
+                density: 0.1,
+                exact: false,
+            },
+            Quant::Int8,
+            Momentum::Vanilla(0.9),
+            3,
+        ),
+        n,
+    );
+    let mut rng = TestRng(1);
+    c.compress_to_vec(&rng.normals(n, 1.0)).unwrap();
+    let (r, u, step) = (c.residual().to_vec(), c.velocity().to_vec(), c.core().step);
+    let mut g = rng.normals(n, 1.0);
+    g[17] = f32::NAN;
+    assert_eq!(
+        c.compress_to_vec(&g),
+        Err(iotcompress_core::Error::NonFiniteGradient)
+    );
+    assert_eq!(
+        (c.residual(), c.velocity(), c.core().step),
+        (&r[..], &u[..], step)
+    );
+}
