@@ -1,1 +1,278 @@
+//! `iotcompress._iotcompress`: the thin PyO3 layer over `iotcompress-core`.
+//!
+//! It only converts types, releases the GIL around the core's work and maps errors; the
+//! argument checking with friendly messages and the documentation live in the Python
+//! package (`python/iotcompress/`), which is the public face.
 
+use iotcompress_core::{
+    decode_add as core_decode_add, parse, Config, Error, IndexCoding, Momentum, OwnedCompressor,
+    Quant, Selection, Target,
+};
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadwriteArray1};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+
+/// The one place core errors become Python exceptions: malformed messages raise
+/// `iotcompress.DecodeError`, everything else `iotcompress.CompressError`; both are
+/// `ValueError`s.
+fn to_py(py: Python<'_>, e: Error) -> PyErr {
+    let name = if e.is_decode_error() {
+        "DecodeError"
+    } else {
+        "CompressError"
+    };
+    match py
+        .import("iotcompress.errors")
+        .and_then(|m| m.getattr(name))
+        .and_then(|c| c.call1((e.message(),)))
+    {
+        Ok(exception) => PyErr::from_value(exception),
+        Err(_) => PyValueError::new_err(e.message()),
+    }
+}
+
+fn selection(
+    density: Option<f32>,
+    threshold: Option<f32>,
+    target_bytes: Option<u32>,
+    adaptive: bool,
+    exact: bool,
+) -> PyResult<Selection> {
+    Ok(match (density, threshold, target_bytes, adaptive) {
+        (None, None, None, false) => Selection::Dense,
+        (Some(d), None, None, false) => Selection::TopK { density: d, exact },
+        (Some(d), None, None, true) => Selection::Adaptive(Target::Density(d)),
+        (None, Some(t), None, false) => Selection::Threshold(t),
+        (None, None, Some(b), _) => Selection::Adaptive(Target::Bytes(b)),
+        _ => return Err(PyValueError::new_err("conflicting selection options")),
+    })
+}
+
+/// The core compressor with its owned state and a reused output buffer.
+#[pyclass(module = "iotcompress._iotcompress", name = "Compressor")]
+struct PyCompressor {
+    inner: OwnedCompressor,
+    out: Vec<u8>,
+    last_nnz: usize,
+}
+
+#[pymethods]
+impl PyCompressor {
+    #[new]
+    #[pyo3(signature = (numel, density, threshold, target_bytes, adaptive, exact, quant, momentum, nesterov, seed))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        numel: usize,
+        density: Option<f32>,
+        threshold: Option<f32>,
+        target_bytes: Option<u32>,
+        adaptive: bool,
+        exact: bool,
+        quant: &str,
+        momentum: f32,
+        nesterov: bool,
+        seed: u64,
+    ) -> PyResult<Self> {
+        let quant =
+            Quant::from_name(quant).ok_or_else(|| PyValueError::new_err("unknown quantiser"))?;
+        let config = Config {
+            selection: selection(density, threshold, target_bytes, adaptive, exact)?,
+            quant,
+            momentum: Momentum::new(momentum, nesterov),
+            seed,
+        };
+        let inner = OwnedCompressor::new(config, numel).map_err(|e| to_py(py, e))?;
+        let out = vec![0u8; inner.max_message_len()];
+        Ok(PyCompressor {
+            inner,
+            out,
+            last_nnz: 0,
+        })
+    }
+
+    /// Compresses a contiguous float32 vector; the GIL is released meanwhile.
+    fn compress<'py>(
+        &mut self,
+        py: Python<'py>,
+        grad: PyReadonlyArray1<'py, f32>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let grad = grad
+            .as_slice()
+            .map_err(|_| PyValueError::new_err("gradient must be contiguous"))?;
+        let (inner, out) = (&mut self.inner, &mut self.out);
+        let info = py
+            .detach(|| inner.compress(grad, out))
+            .map_err(|e| to_py(py, e))?;
+        self.last_nnz = info.nnz;
+        Ok(PyBytes::new(py, &self.out[..info.bytes]))
+    }
+
+    #[getter]
+    fn residual<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f32>> {
+        PyArray1::from_slice(py, self.inner.residual())
+    }
+
+    #[getter]
+    fn velocity<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f32>> {
+        if self.inner.velocity().is_empty() {
+            PyArray1::zeros(py, self.inner.residual().len(), false)
+        } else {
+            PyArray1::from_slice(py, self.inner.velocity())
+        }
+    }
+
+    #[getter]
+    fn has_velocity(&self) -> bool {
+        !self.inner.velocity().is_empty()
+    }
+
+    #[getter]
+    fn step(&self) -> u64 {
+        self.inner.core().step
+    }
+
+    #[getter]
+    fn threshold(&self) -> f32 {
+        self.inner.core().controller.threshold
+    }
+
+    #[getter]
+    fn last_nnz(&self) -> usize {
+        self.last_nnz
+    }
+
+    #[getter]
+    fn max_message_len(&self) -> usize {
+        self.inner.max_message_len()
+    }
+
+    /// `(step, threshold, bits_per_entry)`: the scalar state.
+    fn counters(&self) -> (u64, f32, f32) {
+        let c = self.inner.core();
+        (c.step, c.controller.threshold, c.controller.bits_per_entry)
+    }
+
+    /// Restores the whole state; arrays must have the right lengths (checked in Python).
+    fn restore(
+        &mut self,
+        residual: PyReadonlyArray1<'_, f32>,
+        velocity: PyReadonlyArray1<'_, f32>,
+        counters: (u64, f32, f32),
+    ) -> PyResult<()> {
+        let r = residual
+            .as_slice()
+            .map_err(|_| PyValueError::new_err("residual must be contiguous"))?;
+        let v = velocity
+            .as_slice()
+            .map_err(|_| PyValueError::new_err("velocity must be contiguous"))?;
+        if r.len() != self.inner.residual().len() {
+            return Err(PyValueError::new_err("residual has the wrong length"));
+        }
+        self.inner.residual_mut().copy_from_slice(r);
+        if !self.inner.velocity().is_empty() {
+            if v.len() != self.inner.velocity().len() {
+                return Err(PyValueError::new_err("velocity has the wrong length"));
+            }
+            self.inner.velocity_mut().copy_from_slice(v);
+        }
+        let core = self.inner.core_mut();
+        core.step = counters.0;
+        core.controller.threshold = counters.1;
+        core.controller.bits_per_entry = counters.2;
+        Ok(())
+    }
+}
+
+/// `out += scale * message`, all or nothing; the GIL is released meanwhile.
+#[pyfunction]
+fn decode_add(
+    py: Python<'_>,
+    msg: &[u8],
+    mut out: PyReadwriteArray1<'_, f32>,
+    scale: f32,
+) -> PyResult<()> {
+    let out = out
+        .as_slice_mut()
+        .map_err(|_| PyValueError::new_err("out must be contiguous"))?;
+    py.detach(|| core_decode_add(msg, out, scale).map(|_| ()))
+        .map_err(|e| to_py(py, e))
+}
+
+/// A new dense float32 array of the message's element count.
+#[pyfunction]
+#[pyo3(signature = (msg, numel, max_numel))]
+fn decode<'py>(
+    py: Python<'py>,
+    msg: &[u8],
+    numel: Option<usize>,
+    max_numel: usize,
+) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    let limit = numel.unwrap_or(max_numel);
+    let m = parse(msg, limit).map_err(|e| to_py(py, e))?;
+    let n = m.header.numel as usize;
+    if numel.is_some_and(|want| want != n) {
+        return Err(to_py(py, Error::NumelMismatch));
+    }
+    let out = PyArray1::<f32>::zeros(py, n, false);
+    {
+        let mut view = out.readwrite();
+        let slice = view
+            .as_slice_mut()
+            .map_err(|_| PyValueError::new_err("internal: new array not contiguous"))?;
+        py.detach(|| core_decode_add(msg, slice, 1.0).map(|_| ()))
+            .map_err(|e| to_py(py, e))?;
+    }
+    Ok(out)
+}
+
+/// The header fields and block sizes of a verified message.
+#[pyfunction]
+fn inspect<'py>(py: Python<'py>, msg: &[u8]) -> PyResult<Bound<'py, PyDict>> {
+    let m = parse(msg, usize::MAX).map_err(|e| to_py(py, e))?;
+    let h = m.header;
+    let d = PyDict::new(py);
+    d.set_item("version", iotcompress_core::wire::VERSION)?;
+    d.set_item("numel", h.numel)?;
+    d.set_item("nnz", h.nnz)?;
+    d.set_item("quant", h.quant.name())?;
+    d.set_item("levels", h.quant.levels())?;
+    d.set_item("index", h.index.name())?;
+    d.set_item(
+        "rice_k",
+        if let IndexCoding::Rice { k } = h.index {
+            Some(k)
+        } else {
+            None
+        },
+    )?;
+    d.set_item("scale", h.scale)?;
+    d.set_item("stream", h.stream)?;
+    d.set_item(
+        "header_bytes",
+        m.len - m.index_len() - m.values_len() - iotcompress_core::wire::CHECKSUM_LEN,
+    )?;
+    d.set_item("index_bytes", m.index_len())?;
+    d.set_item("value_bytes", m.values_len())?;
+    d.set_item("nbytes", m.len)?;
+    Ok(d)
+}
+
+/// `(bytes of the largest message)` for `numel` elements with quantiser `quant`.
+#[pyfunction]
+fn max_encoded_len(numel: usize, quant: &str) -> PyResult<usize> {
+    let q = Quant::from_name(quant).ok_or_else(|| PyValueError::new_err("unknown quantiser"))?;
+    Ok(iotcompress_core::max_encoded_len(numel, q))
+}
+
+#[pymodule]
+fn _iotcompress(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyCompressor>()?;
+    m.add_function(wrap_pyfunction!(decode_add, m)?)?;
+    m.add_function(wrap_pyfunction!(decode, m)?)?;
+    m.add_function(wrap_pyfunction!(inspect, m)?)?;
+    m.add_function(wrap_pyfunction!(max_encoded_len, m)?)?;
+    m.add("WIRE_VERSION", iotcompress_core::wire::VERSION)?;
+    Ok(())
+}

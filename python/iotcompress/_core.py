@@ -1,0 +1,330 @@
+"""The numpy face of the core: :class:`Compressor`, :func:`decode`, :func:`decode_add`,
+:func:`inspect`. Arguments are checked here, with messages that say what to do; the work
+happens in the Rust extension with the GIL released."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Mapping, Optional
+
+import numpy as np
+
+from . import _iotcompress as _ext
+
+__all__ = ["Compressor", "decode", "decode_add", "inspect", "QUANTS", "DEFAULT_MAX_NUMEL"]
+
+#: Value quantisers accepted by ``Compressor(quant=...)``; ``"qsgd:S"`` sets S levels (1..255).
+QUANTS = ("f32", "f16", "bf16", "int8", "int4", "sign", "ternary", "qsgd")
+
+#: The largest element count :func:`decode` allocates for when ``numel`` is not given
+#: (2**28 float32 = 1 GiB). Pass ``max_numel`` to change it.
+DEFAULT_MAX_NUMEL = 1 << 28
+
+_STATE_FORMAT = 1
+
+
+def _is_torch_tensor(x: Any) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "detach") and hasattr(x, "numpy")
+
+
+def _as_vector(x: Any, name: str, numel: Optional[int] = None, writable: bool = False) -> np.ndarray:
+    """A 1-D, C-contiguous float32 numpy view of ``x`` (a numpy array or a CPU torch tensor),
+    never a copy."""
+    if _is_torch_tensor(x):
+        if x.device.type != "cpu":
+            raise ValueError(f"{name} is on {x.device}; pass a CPU tensor (tensor.cpu())")
+        if str(x.dtype) != "torch.float32":
+            raise TypeError(f"{name} must be float32, got {x.dtype}; convert with tensor.float()")
+        x = x.detach().numpy()  # shares memory
+    if not isinstance(x, np.ndarray):
+        raise TypeError(
+            f"{name} must be a numpy array or a CPU torch tensor, got {type(x).__name__}; "
+            f"use np.asarray({name}, dtype=np.float32)"
+        )
+    if x.dtype != np.float32:
+        raise TypeError(f"{name} must be float32, got {x.dtype}; convert with {name}.astype(np.float32)")
+    if x.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {x.shape}; flatten it with {name}.reshape(-1)")
+    if not x.flags.c_contiguous:
+        raise ValueError(f"{name} is not contiguous; pass np.ascontiguousarray({name})")
+    if numel is not None and x.shape[0] != numel:
+        raise ValueError(f"{name} has {x.shape[0]} elements, expected {numel}")
+    if writable and not x.flags.writeable:
+        raise ValueError(f"{name} is read-only; pass a writable array")
+    return x
+
+
+def _as_message(msg: Any) -> bytes:
+    if isinstance(msg, bytes):
+        return msg
+    if isinstance(msg, (bytearray, memoryview)):
+        return bytes(msg)
+    if _is_torch_tensor(msg):
+        msg = msg.detach().cpu().numpy()
+    if isinstance(msg, np.ndarray):
+        if msg.dtype != np.uint8:
+            raise TypeError(f"a message array must be uint8, got {msg.dtype}")
+        return msg.tobytes()
+    raise TypeError(f"a message must be bytes, bytearray, memoryview or a uint8 array, got {type(msg).__name__}")
+
+
+def _check_fraction(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (0.0 < value <= 1.0):
+        raise ValueError(f"{name} must be in (0, 1], got {value}; e.g. {name}=0.001 sends 0.1 % of the entries")
+    return float(value)
+
+
+def _check_quant(quant: Any) -> str:
+    if not isinstance(quant, str):
+        raise TypeError(f"quant must be a string, got {type(quant).__name__}")
+    if quant in QUANTS:
+        return quant
+    if quant.startswith("qsgd:"):
+        levels = quant[5:]
+        if levels.isdigit() and 1 <= int(levels) <= 255:
+            return quant
+        raise ValueError(f"qsgd levels must be 1..255, got {levels!r}; e.g. quant='qsgd:15'")
+    raise ValueError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)} or 'qsgd:S'")
+
+
+class Compressor:
+    """Error-feedback gradient compressor for one flat float32 tensor of ``numel`` elements.
+
+    Each :meth:`compress` adds the gradient into a residual (optionally with DGC momentum
+    correction), selects the entries to send, quantises them and returns the wire-format
+    message; whatever was not sent stays in :attr:`residual` for later steps.
+
+    Selection (set at most one of ``density``, ``threshold``, ``target_bytes``):
+
+    * neither: dense, every entry is sent;
+    * ``density=d``: top-k with ``k = ceil(d * numel)``; DGC's sampled threshold by default
+      (sends between 0.8k and k), ``exact=True`` for exactly k;
+    * ``threshold=wt``: every entry whose accumulated magnitude is at least ``wt``;
+    * ``density=d, adaptive=True`` or ``target_bytes=b``: threshold mode with ``Wt`` adapted
+      each step towards that density or message size.
+
+    ``quant`` is one of ``f32 f16 bf16 int8 int4 sign ternary qsgd`` (``qsgd:S`` for S levels).
+    ``momentum``/``nesterov`` turn on DGC momentum correction with factor masking (use a
+    plain SGD optimizer then). ``seed`` drives sampling and stochastic rounding: equal seeds
+    and inputs give equal bytes on every platform.
+
+    Example::
+
+        import numpy as np, iotcompress as ic
+        c = ic.Compressor(1_000_000, density=0.001, quant="int8", momentum=0.9)
+        msg = c.compress(np.random.randn(1_000_000).astype(np.float32))
+        total = np.zeros(1_000_000, np.float32)
+        ic.decode_add(msg, total)
+    """
+
+    __slots__ = ("_ext", "_numel", "_options")
+
+    def __init__(
+        self,
+        numel: int,
+        *,
+        density: Optional[float] = None,
+        threshold: Optional[float] = None,
+        quant: str = "f32",
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        exact: bool = False,
+        seed: int = 0,
+        target_bytes: Optional[int] = None,
+        adaptive: bool = False,
+    ) -> None:
+        if isinstance(numel, bool) or not isinstance(numel, (int, np.integer)):
+            raise TypeError(f"numel must be an int, got {type(numel).__name__}")
+        if not 0 < numel < 2**32:
+            raise ValueError(f"numel must be in 1..2**32-1, got {numel}")
+        chosen = [n for n, v in (("density", density), ("threshold", threshold), ("target_bytes", target_bytes)) if v is not None]
+        if len(chosen) > 1:
+            raise ValueError(f"set at most one of density, threshold and target_bytes (got {', '.join(chosen)})")
+        if density is not None:
+            density = _check_fraction(density, "density")
+        if threshold is not None:
+            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+                raise TypeError(f"threshold must be a number, got {type(threshold).__name__}")
+            if not (math.isfinite(threshold) and threshold >= 0):
+                raise ValueError(f"threshold must be finite and >= 0, got {threshold}")
+            threshold = float(threshold)
+        if target_bytes is not None:
+            if isinstance(target_bytes, bool) or not isinstance(target_bytes, int) or not 0 < target_bytes < 2**32:
+                raise ValueError(f"target_bytes must be a positive int, got {target_bytes!r}")
+        if adaptive and density is None:
+            raise ValueError("adaptive=True needs density=...: the density the threshold should aim at")
+        if exact and density is None:
+            raise ValueError("exact=True applies to top-k; also set density=...")
+        if exact and adaptive:
+            raise ValueError("exact=True and adaptive=True exclude each other")
+        quant = _check_quant(quant)
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        if nesterov and momentum == 0.0:
+            raise ValueError("nesterov=True needs momentum > 0, e.g. momentum=0.9")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
+            raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+        self._numel = int(numel)
+        self._options = dict(
+            density=density, threshold=threshold, target_bytes=target_bytes, adaptive=bool(adaptive),
+            exact=bool(exact), quant=quant, momentum=float(momentum), nesterov=bool(nesterov), seed=int(seed),
+        )
+        self._ext = _ext.Compressor(self._numel, **self._options)
+
+    def compress(self, grad: Any) -> bytes:
+        """Compresses one gradient and updates the state; returns the message.
+
+        ``grad`` is a 1-D C-contiguous float32 numpy array or CPU torch tensor of ``numel``
+        elements (not copied). Raises :class:`TypeError` for another dtype,
+        :class:`ValueError` for another shape, and :class:`CompressError` if it contains
+        NaN or infinity (then the state is unchanged).
+
+        Example::
+
+            msg = c.compress(param.grad.reshape(-1))
+        """
+        return self._ext.compress(_as_vector(grad, "grad", self._numel))
+
+    @property
+    def numel(self) -> int:
+        """Elements per gradient."""
+        return self._numel
+
+    @property
+    def options(self) -> Dict[str, Any]:
+        """The constructor's keyword options (a copy)."""
+        return dict(self._options)
+
+    @property
+    def residual(self) -> np.ndarray:
+        """A copy of the error-feedback residual (what has not been sent yet)."""
+        return self._ext.residual
+
+    @property
+    def velocity(self) -> np.ndarray:
+        """A copy of the momentum velocity (zeros when ``momentum == 0``)."""
+        return self._ext.velocity
+
+    @property
+    def step(self) -> int:
+        """Messages produced so far."""
+        return self._ext.step
+
+    @property
+    def threshold(self) -> Optional[float]:
+        """The current adaptive threshold ``Wt`` (``None`` unless adaptive)."""
+        if self._options["adaptive"] or self._options["target_bytes"] is not None:
+            return self._ext.threshold
+        return self._options["threshold"]
+
+    @property
+    def last_nnz(self) -> int:
+        """Entries sent by the last :meth:`compress`."""
+        return self._ext.last_nnz
+
+    @property
+    def max_message_len(self) -> int:
+        """An upper bound on the size of any message of this compressor."""
+        return self._ext.max_message_len
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The complete state: options, residual, velocity and counters. Restoring it with
+        :meth:`load_state_dict` makes the next messages bit-identical.
+
+        Example::
+
+            torch.save(c.state_dict(), "compressor.pt")
+        """
+        step, threshold, bits_per_entry = self._ext.counters()
+        return {
+            "format": _STATE_FORMAT,
+            "numel": self._numel,
+            "options": dict(self._options),
+            "residual": self._ext.residual,
+            "velocity": self._ext.velocity,
+            "step": step,
+            "threshold": threshold,
+            "bits_per_entry": bits_per_entry,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores a :meth:`state_dict`; the options and ``numel`` must match this compressor's.
+
+        Example::
+
+            c = ic.Compressor(n, density=0.001)
+            c.load_state_dict(torch.load("compressor.pt", weights_only=False))
+        """
+        if state.get("format") != _STATE_FORMAT:
+            raise ValueError(f"unknown state format {state.get('format')!r}; expected {_STATE_FORMAT}")
+        if state["numel"] != self._numel:
+            raise ValueError(f"state is for numel={state['numel']}, this compressor has numel={self._numel}")
+        if dict(state["options"]) != self._options:
+            raise ValueError(f"state options {dict(state['options'])} differ from this compressor's {self._options}")
+        residual = np.ascontiguousarray(_to_numpy(state["residual"]), dtype=np.float32)
+        velocity = np.ascontiguousarray(_to_numpy(state["velocity"]), dtype=np.float32)
+        for name, arr in (("residual", residual), ("velocity", velocity)):
+            if arr.shape != (self._numel,):
+                raise ValueError(f"state {name} has shape {arr.shape}, expected ({self._numel},)")
+        counters = (int(state["step"]), float(state["threshold"]), float(state["bits_per_entry"]))
+        self._ext.restore(residual, velocity, counters)
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self._options.items() if v not in (None, False))
+        return f"Compressor({self._numel}, {opts})"
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return self.state_dict()
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        Compressor.__init__(self, state["numel"], **state["options"])
+        self.load_state_dict(state)
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if _is_torch_tensor(x) else np.asarray(x)
+
+
+def decode(msg: Any, numel: Optional[int] = None, *, max_numel: int = DEFAULT_MAX_NUMEL) -> np.ndarray:
+    """Decodes a message into a new dense float32 array.
+
+    ``numel``, when given, must equal the message's element count (else :class:`DecodeError`).
+    Without it, messages announcing more than ``max_numel`` elements are refused before
+    anything is allocated. Every malformed input raises :class:`DecodeError`.
+
+    Example::
+
+        dense = ic.decode(msg, numel=1_000_000)
+    """
+    if numel is not None and (isinstance(numel, bool) or not isinstance(numel, (int, np.integer)) or numel < 0):
+        raise ValueError(f"numel must be a non-negative int, got {numel!r}")
+    return _ext.decode(_as_message(msg), None if numel is None else int(numel), int(max_numel))
+
+
+def decode_add(msg: Any, out: Any, scale: float = 1.0) -> None:
+    """Adds ``scale * message`` into ``out`` in place (a 1-D contiguous float32 numpy array or
+    CPU torch tensor). All or nothing: on :class:`DecodeError` ``out`` is unchanged.
+
+    Example::
+
+        total = np.zeros(n, np.float32)
+        for m in messages:
+            ic.decode_add(m, total, scale=1 / len(messages))
+    """
+    out = _as_vector(out, "out", writable=True)
+    _ext.decode_add(_as_message(msg), out, float(scale))
+
+
+def inspect(msg: Any) -> Dict[str, Any]:
+    """The header of a verified message: ``version, numel, nnz, quant, levels, index, rice_k,
+    scale, stream, header_bytes, index_bytes, value_bytes, nbytes``.
+
+    Example::
+
+        >>> ic.inspect(msg)["nnz"]
+        1000
+    """
+    return _ext.inspect(_as_message(msg))
+
