@@ -46,11 +46,16 @@ pub enum Target {
 }
 
 /// `ceil(density·n)`, at least 1 for a non-empty tensor, at most `n`.
+///
+/// The product is shrunk by 2^-20 of itself before rounding up: a density given as a
+/// decimal is not exact in binary (0.001f32 is 0.0010000000475), and 0.001 of 20000
+/// must be 20, not 21.
 pub fn k_for_density(density: f32, numel: usize) -> usize {
     if numel == 0 {
         return 0;
     }
-    ceil_usize(density as f64 * numel as f64).clamp(1, numel)
+    let k = density as f64 * numel as f64;
+    ceil_usize(k - k / (1u64 << 20) as f64).clamp(1, numel)
 }
 
 /// The k-th largest magnitude (1-based) of `mags` and how many of the k largest are strictly
@@ -157,5 +162,21 @@ impl ThresholdController {
 impl Default for ThresholdController {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::k_for_density;
+
+    #[test]
+    fn decimal_densities_round_as_written() {
+        assert_eq!(k_for_density(0.001, 20_000), 20);
+        assert_eq!(k_for_density(0.001, 25_557_032), 25_558);
+        assert_eq!(k_for_density(0.01, 1_000_000), 10_000);
+        assert_eq!(k_for_density(0.1, 32), 4);
+        assert_eq!(k_for_density(0.5, 3), 2);
+        assert_eq!(k_for_density(1e-9, 10), 1);
+        assert_eq!(k_for_density(1.0, 10), 10);
     }
 }
