@@ -1,0 +1,58 @@
+# The entry points a person types. `make demo` and `make test` work on a fresh clone:
+# they create .venv, install what they need, build the extension and run.
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+CARGO   ?= cargo
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+PY_DEPS := "maturin>=1.5,<2" "numpy>=1.21" "pytest>=7" "pytest-timeout>=2" "hypothesis>=6" "torch>=2.1" "scikit-learn>=1.0"
+
+.PHONY: demo test rust-test clippy nostd-check py-test develop deps lint fmt clean
+
+demo: develop
+	$(VENV)/bin/iotcompress demo
+
+test: develop rust-test clippy nostd-check py-test
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# Re-installs when pyproject.toml changes.
+$(VENV)/.deps: pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(PY_DEPS)
+	touch $@
+
+deps: $(VENV)/.deps
+
+develop: deps
+	$(VENV)/bin/maturin develop --release -q
+
+rust-test:
+	$(CARGO) test --workspace --exclude iotcompress-python --release
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# The core builds as #![no_std] with no dependencies when its features are off.
+nostd-check:
+	$(CARGO) build -p iotcompress-core --no-default-features
+	$(CARGO) build -p iotcompress-core --no-default-features --features alloc
+	@deps=$$($(CARGO) tree -p iotcompress-core --no-default-features -e normal --prefix none | sort -u | grep -v '^iotcompress-core'); \
+	if [ -n "$$deps" ]; then echo "core has dependencies without features: $$deps"; exit 1; fi; \
+	echo "no_std core: builds, no dependencies"
+
+py-test: develop
+	$(PY) -m pytest tests
+
+lint: clippy
+	$(CARGO) fmt --all -- --check
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean
+	rm -rf $(VENV)
