@@ -198,7 +198,7 @@ impl Compressor {
         let (picked, target) = self.select(residual, velocity, grad, scratch)?;
 
         // Pass 1 over the picked entries: value statistics and the exact index costs.
-        let (need_max, need_abs, need_sq) = cfg.quant.needs();
+        let (need_max, need_abs) = cfg.quant.needs();
         let mut stats = ValueStats::default();
         let mut cost = IndexCost::new();
         let mut nnz = 0usize;
@@ -213,9 +213,6 @@ impl Compressor {
             }
             if need_abs {
                 stats.sum_abs += abs(v) as f64;
-            }
-            if need_sq {
-                stats.sum_sq += v as f64 * v as f64;
             }
         });
         let (index, index_len) = cost.choose(n);
