@@ -33,7 +33,7 @@ develop: deps
 rust-test:
 	$(CARGO) test --workspace --exclude iotcompress-python --release
 
-clippy:
+clippy: | $(PY)
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # The core builds as #![no_std] with no dependencies when its features are off.
