@@ -32,7 +32,7 @@ impl Momentum {
     /// Builds from the Python-style pair `(momentum, nesterov)`; factor 0 means none.
     pub fn new(factor: f32, nesterov: bool) -> Momentum {
         match (factor, nesterov) {
-            (m, _) if m == 0.0 => Momentum::None,
+            (0.0, _) => Momentum::None,
             (m, false) => Momentum::Vanilla(m),
             (m, true) => Momentum::Nesterov(m),
         }

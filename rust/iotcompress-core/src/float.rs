@@ -132,7 +132,7 @@ pub fn bf16_to_f32(h: u16) -> f32 {
 /// Square root by Newton's method in f64: deterministic on every platform (no libm),
 /// accurate to about one f64 ulp, which is far below the f32 result's precision.
 pub(crate) fn sqrt_f64(x: f64) -> f64 {
-    if x <= 0.0 || x != x {
+    if x <= 0.0 || x.is_nan() {
         return 0.0;
     }
     if x == f64::INFINITY {

@@ -24,9 +24,7 @@
 //! elements, one message's error is twice the gradient's norm and the residual diverges).
 //! The stochastic quantisers draw from [`crate::rng`], seeded per message.
 
-use crate::float::{
-    abs, bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, round_half_away, sqrt_f64,
-};
+use crate::float::{abs, bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, round_half_away};
 use crate::rng;
 
 /// A value quantiser. `Qsgd { levels }` takes `levels` in `1..=255`.

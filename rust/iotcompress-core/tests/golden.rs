@@ -6,6 +6,8 @@
 //! Regenerate (only for an intentional wire change, with a version bump):
 //! `IOTCOMPRESS_BLESS=1 cargo test -p iotcompress-core --test golden`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::TestRng;

@@ -1,5 +1,7 @@
 //! Property tests of the pipeline: error feedback, selection rules, quantiser bounds.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;

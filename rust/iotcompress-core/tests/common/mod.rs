@@ -1,5 +1,6 @@
 //! Shared helpers for the integration tests.
 #![allow(dead_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use iotcompress_core::{wire, Config, Momentum, OwnedCompressor, Quant, Selection, Target};
 
