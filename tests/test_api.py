@@ -106,11 +106,6 @@ def test_unaligned_gradient_is_a_value_error():
     assert c.step == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: an unaligned float32 view is refused by the Rust layer with 'gradient must be "
-    "contiguous' although it is contiguous; the message should name alignment and the remedy (a copy)",
-)
 def test_unaligned_gradient_message_says_what_to_do():
     g = np.frombuffer(bytearray(4 * 8 + 1), dtype=np.float32, offset=1, count=8)
     with pytest.raises(ValueError, match=r"align"):

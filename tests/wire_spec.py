@@ -81,15 +81,23 @@ def decode(msg: bytes) -> dict:
     numel, pos = varint(msg, 4)
     nnz, pos = varint(msg, pos)
     h = {"numel": numel, "nnz": nnz, "quant": quant, "index": index, "rice_k": None, "levels": 0, "scale": 0.0, "stream": 0}
+    if nnz > numel:
+        raise SpecError("nnz > numel")
     if index == "rice":
         h["rice_k"] = msg[pos]
         pos += 1
+        if h["rice_k"] > 31:
+            raise SpecError("rice_k > 31")
     if quant == "qsgd":
         h["levels"] = msg[pos]
         pos += 1
+        if h["levels"] == 0:
+            raise SpecError("levels = 0")
     if quant not in ("f32", "f16", "bf16"):
         h["scale"] = np.frombuffer(msg[pos : pos + 4], "<f4")[0]
         pos += 4
+        if not np.isfinite(h["scale"]) or np.signbit(h["scale"]):
+            raise SpecError("bad scale")
     if quant in ("ternary", "qsgd"):
         h["stream"] = struct.unpack("<I", msg[pos : pos + 4])[0]
         pos += 4
@@ -99,6 +107,8 @@ def decode(msg: bytes) -> dict:
     code_bits = {"f32": 32, "f16": 16, "bf16": 16, "int8": 8, "int4": 4, "sign": 1, "qsgd": 1 + b}
     vbytes = (nnz + 4) // 5 if quant == "ternary" else (nnz * code_bits[quant] + 7) // 8
     body_end = len(msg) - 4
+    if pos + vbytes > body_end:
+        raise SpecError("blocks overlap the checksum")
     values_block = msg[body_end - vbytes : body_end]
     index_block = msg[pos : body_end - vbytes]
 

@@ -33,7 +33,7 @@ fn to_py(py: Python<'_>, e: Error) -> PyErr {
 }
 
 fn selection(
-    density: Option<f32>,
+    density: Option<f64>,
     threshold: Option<f32>,
     target_bytes: Option<u32>,
     adaptive: bool,
@@ -65,7 +65,7 @@ impl PyCompressor {
     fn new(
         py: Python<'_>,
         numel: usize,
-        density: Option<f32>,
+        density: Option<f64>,
         threshold: Option<f32>,
         target_bytes: Option<u32>,
         adaptive: bool,
@@ -200,7 +200,8 @@ fn decode_add(
         .map_err(|e| to_py(py, e))
 }
 
-/// A new dense float32 array of the message's element count.
+/// A new dense float32 array of the message's element count (at most `max_numel`; equal
+/// to `numel` when given).
 #[pyfunction]
 #[pyo3(signature = (msg, numel, max_numel))]
 fn decode<'py>(
@@ -209,8 +210,7 @@ fn decode<'py>(
     numel: Option<usize>,
     max_numel: usize,
 ) -> PyResult<Bound<'py, PyArray1<f32>>> {
-    let limit = numel.unwrap_or(max_numel);
-    let m = parse(msg, limit).map_err(|e| to_py(py, e))?;
+    let m = parse(msg, max_numel).map_err(|e| to_py(py, e))?;
     let n = m.header.numel as usize;
     if numel.is_some_and(|want| want != n) {
         return Err(to_py(py, Error::NumelMismatch));

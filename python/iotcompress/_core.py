@@ -5,6 +5,7 @@ happens in the Rust extension with the GIL released."""
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
@@ -47,6 +48,8 @@ def _as_vector(x: Any, name: str, numel: Optional[int] = None, writable: bool = 
         raise ValueError(f"{name} must be 1-D, got shape {x.shape}; flatten it with {name}.reshape(-1)")
     if not x.flags.c_contiguous:
         raise ValueError(f"{name} is not contiguous; pass np.ascontiguousarray({name})")
+    if not x.flags.aligned:
+        raise ValueError(f"{name} is not aligned to 4 bytes; pass an aligned copy: np.array({name})")
     if numel is not None and x.shape[0] != numel:
         raise ValueError(f"{name} has {x.shape[0]} elements, expected {numel}")
     if writable and not x.flags.writeable:
@@ -108,7 +111,8 @@ class Compressor:
     ``quant`` is one of ``f32 f16 bf16 int8 int4 sign ternary qsgd`` (``qsgd:S`` for S levels).
     ``momentum``/``nesterov`` turn on DGC momentum correction with factor masking (use a
     plain SGD optimizer then). ``seed`` drives sampling and stochastic rounding: equal seeds
-    and inputs give equal bytes on every platform.
+    and inputs give equal bytes on every platform. A compressor may be shared between
+    threads; their calls take turns.
 
     Example::
 
@@ -119,7 +123,7 @@ class Compressor:
         ic.decode_add(msg, total)
     """
 
-    __slots__ = ("_ext", "_numel", "_options")
+    __slots__ = ("_ext", "_numel", "_options", "_lock")
 
     def __init__(
         self,
@@ -172,6 +176,8 @@ class Compressor:
             exact=bool(exact), quant=quant, momentum=float(momentum), nesterov=bool(nesterov), seed=int(seed),
         )
         self._ext = _ext.Compressor(self._numel, **self._options)
+        # Calls from several threads take turns (the extension releases the GIL while working).
+        self._lock = threading.Lock()
 
     def compress(self, grad: Any) -> bytes:
         """Compresses one gradient and updates the state; returns the message.
@@ -185,7 +191,9 @@ class Compressor:
 
             msg = c.compress(param.grad.reshape(-1))
         """
-        return self._ext.compress(_as_vector(grad, "grad", self._numel))
+        grad = _as_vector(grad, "grad", self._numel)
+        with self._lock:
+            return self._ext.compress(grad)
 
     @property
     def numel(self) -> int:
@@ -237,13 +245,15 @@ class Compressor:
 
             torch.save(c.state_dict(), "compressor.pt")
         """
-        step, threshold, bits_per_entry = self._ext.counters()
+        with self._lock:
+            step, threshold, bits_per_entry = self._ext.counters()
+            residual, velocity = self._ext.residual, self._ext.velocity
         return {
             "format": _STATE_FORMAT,
             "numel": self._numel,
             "options": dict(self._options),
-            "residual": self._ext.residual,
-            "velocity": self._ext.velocity,
+            "residual": residual,
+            "velocity": velocity,
             "step": step,
             "threshold": threshold,
             "bits_per_entry": bits_per_entry,
@@ -269,7 +279,8 @@ class Compressor:
             if arr.shape != (self._numel,):
                 raise ValueError(f"state {name} has shape {arr.shape}, expected ({self._numel},)")
         counters = (int(state["step"]), float(state["threshold"]), float(state["bits_per_entry"]))
-        self._ext.restore(residual, velocity, counters)
+        with self._lock:
+            self._ext.restore(residual, velocity, counters)
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self._options.items() if v not in (None, False))
@@ -300,7 +311,11 @@ def decode(msg: Any, numel: Optional[int] = None, *, max_numel: int = DEFAULT_MA
     """
     if numel is not None and (isinstance(numel, bool) or not isinstance(numel, (int, np.integer)) or numel < 0):
         raise ValueError(f"numel must be a non-negative int, got {numel!r}")
-    return _ext.decode(_as_message(msg), None if numel is None else int(numel), int(max_numel))
+    if isinstance(max_numel, bool) or not isinstance(max_numel, (int, np.integer)) or max_numel < 0:
+        raise ValueError(f"max_numel must be a non-negative int, got {max_numel!r}")
+    if numel is not None:
+        max_numel = numel
+    return _ext.decode(_as_message(msg), None if numel is None else int(numel), min(int(max_numel), 2**64 - 1))
 
 
 def decode_add(msg: Any, out: Any, scale: float = 1.0) -> None:

@@ -42,7 +42,7 @@ impl Config {
 
     /// Checks every option's range.
     pub fn validate(&self) -> Result<(), Error> {
-        let density_ok = |d: f32| d > 0.0 && d <= 1.0;
+        let density_ok = |d: f64| d > 0.0 && d <= 1.0;
         let ok = match self.selection {
             Selection::Dense => true,
             Selection::Threshold(t) => t >= 0.0 && t.is_finite(),

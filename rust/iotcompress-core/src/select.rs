@@ -28,7 +28,7 @@ pub enum Selection {
     /// Send the `ceil(density·n)` largest magnitudes.
     TopK {
         /// Fraction of elements to send, in (0, 1].
-        density: f32,
+        density: f64,
         /// Exact selection (all magnitudes) instead of DGC's sampled estimate.
         exact: bool,
     },
@@ -40,22 +40,24 @@ pub enum Selection {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Target {
     /// A fraction of elements per message, in (0, 1].
-    Density(f32),
+    Density(f64),
     /// Bytes per message.
     Bytes(u32),
 }
 
-/// `ceil(density·n)`, at least 1 for a non-empty tensor, at most `n`.
+/// `ceil(density·n)` for the decimal the caller wrote, at least 1 for a non-empty tensor,
+/// at most `n`.
 ///
-/// The product is shrunk by 2^-20 of itself before rounding up: a density given as a
-/// decimal is not exact in binary (0.001f32 is 0.0010000000475), and 0.001 of 20000
-/// must be 20, not 21.
-pub fn k_for_density(density: f32, numel: usize) -> usize {
+/// The f64 product of a decimal density and `n` can land just above a whole number
+/// (`0.1 * 30 = 3.0000000000000004`), so it is shrunk by 2^-45 of itself before rounding up:
+/// 128 times its worst rounding error, and far below the fraction any short decimal leaves
+/// (`0.001 * 2_000_001 = 2000.001` still gives 2001).
+pub fn k_for_density(density: f64, numel: usize) -> usize {
     if numel == 0 {
         return 0;
     }
-    let k = density as f64 * numel as f64;
-    ceil_usize(k - k / (1u64 << 20) as f64).clamp(1, numel)
+    let k = density * numel as f64;
+    ceil_usize(k - k / (1u64 << 45) as f64).clamp(1, numel)
 }
 
 /// The k-th largest magnitude (1-based) of `mags` and how many of the k largest are strictly
@@ -172,6 +174,9 @@ mod tests {
     #[test]
     fn decimal_densities_round_as_written() {
         assert_eq!(k_for_density(0.001, 20_000), 20);
+        assert_eq!(k_for_density(0.001, 2_000_001), 2001);
+        assert_eq!(k_for_density(0.1, 30), 3);
+        assert_eq!(k_for_density(159.0 / 4456.0, 4456), 159);
         assert_eq!(k_for_density(0.001, 25_557_032), 25_558);
         assert_eq!(k_for_density(0.01, 1_000_000), 10_000);
         assert_eq!(k_for_density(0.1, 32), 4);

@@ -284,16 +284,12 @@ impl<'a> ValueReader<'a> {
                 .get(self.quant.code_bits())
                 .ok_or(Error::Truncated)?
         };
-        let finite = match self.quant {
-            Quant::F32 => is_finite_bits(code),
-            Quant::F16 => code & 0x7c00 != 0x7c00,
-            Quant::Bf16 => code & 0x7f80 != 0x7f80,
-            _ => true,
-        };
-        if !finite {
+        // A finite code times a large finite scale can still overflow: check the value.
+        let value = decode_code(self.quant, unit, code);
+        if !is_finite_bits(value.to_bits()) {
             return Err(Error::BadValue);
         }
-        Ok(decode_code(self.quant, unit, code))
+        Ok(value)
     }
 
     /// Checks that the block was consumed exactly and its padding is zero.
