@@ -24,7 +24,7 @@ fn config_from_options(o: &Value) -> Config {
     let f = |k: &str| o.get(k).and_then(Value::as_f64).map(|x| x as f32);
     let b = |k: &str| o.get(k).and_then(Value::as_bool).unwrap_or(false);
     let selection = match (
-        f("density"),
+        o.get("density").and_then(Value::as_f64),
         f("threshold"),
         o.get("target_bytes").and_then(Value::as_u64),
     ) {

@@ -102,7 +102,7 @@ proptest! {
 
     /// Exact top-k sends exactly k entries, the k largest; sampled never more than k.
     #[test]
-    fn top_k_counts((n, seed, scale) in gradient_strategy(), density in 0.001f32..0.5) {
+    fn top_k_counts((n, seed, scale) in gradient_strategy(), density in 0.001f64..0.5) {
         let mut rng = TestRng(seed | 1);
         let k = k_for_density(density, n);
         let mut exact = compressor(config(Selection::TopK { density, exact: true }, Quant::F32, Momentum::None, seed), n);
@@ -155,7 +155,7 @@ proptest! {
 #[test]
 fn sampled_top_k_hits_at_least_80_percent() {
     for (n, density) in [
-        (200_000usize, 0.001f32),
+        (200_000usize, 0.001f64),
         (200_000, 0.01),
         (1_000_000, 0.001),
         (50_000, 0.05),
