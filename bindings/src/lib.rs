@@ -109,6 +109,21 @@ impl PyCompressor {
         Ok(PyBytes::new(py, &self.out[..info.bytes]))
     }
 
+    /// Switches to another selection, keeping the state.
+    #[pyo3(signature = (density, threshold, target_bytes, adaptive, exact))]
+    fn set_selection(
+        &mut self,
+        py: Python<'_>,
+        density: Option<f64>,
+        threshold: Option<f32>,
+        target_bytes: Option<u32>,
+        adaptive: bool,
+        exact: bool,
+    ) -> PyResult<()> {
+        let sel = selection(density, threshold, target_bytes, adaptive, exact)?;
+        self.inner.set_selection(sel).map_err(|e| to_py(py, e))
+    }
+
     #[getter]
     fn residual<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f32>> {
         PyArray1::from_slice(py, self.inner.residual())

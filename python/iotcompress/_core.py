@@ -92,6 +92,34 @@ def _check_quant(quant: Any) -> str:
     raise ValueError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)} or 'qsgd:S'")
 
 
+_SELECTION_KEYS = ("density", "threshold", "target_bytes", "adaptive", "exact")
+
+
+def _selection_options(density, threshold, target_bytes, adaptive, exact) -> Dict[str, Any]:
+    """Checks the selection options; returns them normalised."""
+    chosen = [n for n, v in (("density", density), ("threshold", threshold), ("target_bytes", target_bytes)) if v is not None]
+    if len(chosen) > 1:
+        raise ValueError(f"set at most one of density, threshold and target_bytes (got {', '.join(chosen)})")
+    if density is not None:
+        density = _check_fraction(density, "density")
+    if threshold is not None:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+            raise TypeError(f"threshold must be a number, got {type(threshold).__name__}")
+        if not (math.isfinite(threshold) and threshold >= 0):
+            raise ValueError(f"threshold must be finite and >= 0, got {threshold}")
+        threshold = float(threshold)
+    if target_bytes is not None:
+        if isinstance(target_bytes, bool) or not isinstance(target_bytes, int) or not 0 < target_bytes < 2**32:
+            raise ValueError(f"target_bytes must be a positive int, got {target_bytes!r}")
+    if adaptive and density is None:
+        raise ValueError("adaptive=True needs density=...: the density the threshold should aim at")
+    if exact and density is None:
+        raise ValueError("exact=True applies to top-k; also set density=...")
+    if exact and adaptive:
+        raise ValueError("exact=True and adaptive=True exclude each other")
+    return dict(density=density, threshold=threshold, target_bytes=target_bytes, adaptive=bool(adaptive), exact=bool(exact))
+
+
 class Compressor:
     """Error-feedback gradient compressor for one flat float32 tensor of ``numel`` elements.
 
@@ -143,26 +171,7 @@ class Compressor:
             raise TypeError(f"numel must be an int, got {type(numel).__name__}")
         if not 0 < numel < 2**32:
             raise ValueError(f"numel must be in 1..2**32-1, got {numel}")
-        chosen = [n for n, v in (("density", density), ("threshold", threshold), ("target_bytes", target_bytes)) if v is not None]
-        if len(chosen) > 1:
-            raise ValueError(f"set at most one of density, threshold and target_bytes (got {', '.join(chosen)})")
-        if density is not None:
-            density = _check_fraction(density, "density")
-        if threshold is not None:
-            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-                raise TypeError(f"threshold must be a number, got {type(threshold).__name__}")
-            if not (math.isfinite(threshold) and threshold >= 0):
-                raise ValueError(f"threshold must be finite and >= 0, got {threshold}")
-            threshold = float(threshold)
-        if target_bytes is not None:
-            if isinstance(target_bytes, bool) or not isinstance(target_bytes, int) or not 0 < target_bytes < 2**32:
-                raise ValueError(f"target_bytes must be a positive int, got {target_bytes!r}")
-        if adaptive and density is None:
-            raise ValueError("adaptive=True needs density=...: the density the threshold should aim at")
-        if exact and density is None:
-            raise ValueError("exact=True applies to top-k; also set density=...")
-        if exact and adaptive:
-            raise ValueError("exact=True and adaptive=True exclude each other")
+        selection = _selection_options(density, threshold, target_bytes, adaptive, exact)
         quant = _check_quant(quant)
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
@@ -172,8 +181,7 @@ class Compressor:
             raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
         self._numel = int(numel)
         self._options = dict(
-            density=density, threshold=threshold, target_bytes=target_bytes, adaptive=bool(adaptive),
-            exact=bool(exact), quant=quant, momentum=float(momentum), nesterov=bool(nesterov), seed=int(seed),
+            **selection, quant=quant, momentum=float(momentum), nesterov=bool(nesterov), seed=int(seed),
         )
         self._ext = _ext.Compressor(self._numel, **self._options)
         # Calls from several threads take turns (the extension releases the GIL while working).
@@ -194,6 +202,28 @@ class Compressor:
         grad = _as_vector(grad, "grad", self._numel)
         with self._lock:
             return self._ext.compress(grad)
+
+    def set_selection(
+        self,
+        *,
+        density: Optional[float] = None,
+        threshold: Optional[float] = None,
+        target_bytes: Optional[int] = None,
+        adaptive: bool = False,
+        exact: bool = False,
+    ) -> None:
+        """Switches to another selection rule (same keywords as the constructor), keeping the
+        residual and velocity: for warm-up schedules and links whose budget changes.
+
+        Example::
+
+            c.set_selection(density=0.25)    # DGC warm-up: dense-ish first
+            c.set_selection(density=0.001)   # then the target
+        """
+        selection = _selection_options(density, threshold, target_bytes, adaptive, exact)
+        with self._lock:
+            self._ext.set_selection(**selection)
+            self._options.update(selection)
 
     @property
     def numel(self) -> int:
@@ -260,7 +290,9 @@ class Compressor:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restores a :meth:`state_dict`; the options and ``numel`` must match this compressor's.
+        """Restores a :meth:`state_dict`. ``numel`` and the value options (quant, momentum,
+        nesterov, seed) must match this compressor's; the selection is taken from the state
+        (it may have changed through :meth:`set_selection`).
 
         Example::
 
@@ -271,16 +303,22 @@ class Compressor:
             raise ValueError(f"unknown state format {state.get('format')!r}; expected {_STATE_FORMAT}")
         if state["numel"] != self._numel:
             raise ValueError(f"state is for numel={state['numel']}, this compressor has numel={self._numel}")
-        if dict(state["options"]) != self._options:
-            raise ValueError(f"state options {dict(state['options'])} differ from this compressor's {self._options}")
+        options = dict(state["options"])
+        mine = {k: v for k, v in self._options.items() if k not in _SELECTION_KEYS}
+        theirs = {k: v for k, v in options.items() if k not in _SELECTION_KEYS}
+        if theirs != mine:
+            raise ValueError(f"state options {theirs} differ from this compressor's {mine}")
         residual = np.ascontiguousarray(_to_numpy(state["residual"]), dtype=np.float32)
         velocity = np.ascontiguousarray(_to_numpy(state["velocity"]), dtype=np.float32)
         for name, arr in (("residual", residual), ("velocity", velocity)):
             if arr.shape != (self._numel,):
                 raise ValueError(f"state {name} has shape {arr.shape}, expected ({self._numel},)")
         counters = (int(state["step"]), float(state["threshold"]), float(state["bits_per_entry"]))
+        selection = _selection_options(*(options.get(k) for k in _SELECTION_KEYS))
         with self._lock:
+            self._ext.set_selection(**selection)
             self._ext.restore(residual, velocity, counters)
+            self._options.update(selection)
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self._options.items() if v not in (None, False))

@@ -130,6 +130,18 @@ impl Compressor {
         &self.config
     }
 
+    /// Changes the selection rule, keeping the state (a warm-up schedule, a link that got
+    /// slower). The scratch requirement may grow: check [`Compressor::scratch_len`].
+    pub fn set_selection(&mut self, selection: Selection) -> Result<(), Error> {
+        let config = Config {
+            selection,
+            ..self.config
+        };
+        config.validate()?;
+        self.config = config;
+        Ok(())
+    }
+
     /// Elements per tensor.
     pub fn numel(&self) -> usize {
         self.numel

@@ -5,6 +5,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use crate::compress::{Buffers, Compressor, Config, StepInfo};
+use crate::select::Selection;
 use crate::Error;
 
 /// A compressor that owns its state; allocation happens once, in [`OwnedCompressor::new`].
@@ -56,6 +57,16 @@ impl OwnedCompressor {
     /// Mutable velocity (for restoring a checkpoint).
     pub fn velocity_mut(&mut self) -> &mut [f32] {
         &mut self.velocity
+    }
+
+    /// Changes the selection rule, keeping the state; grows the scratch if needed.
+    pub fn set_selection(&mut self, selection: Selection) -> Result<(), Error> {
+        self.core.set_selection(selection)?;
+        let need = self.core.scratch_len();
+        if self.scratch.len() < need {
+            self.scratch.resize(need, 0);
+        }
+        Ok(())
     }
 
     /// The largest message; `out` must be at least this long.
