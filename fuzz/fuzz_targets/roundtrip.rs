@@ -1,0 +1,219 @@
+//! A compressor configuration and a few finite gradients drawn from the fuzz bytes:
+//! every message must decode, carry finite values, and satisfy error feedback:
+//! `decoded + r_new == v` (bit-exact for f32 values, within one f32 rounding otherwise),
+//! `r_new == v` where nothing was sent, and momentum masked where something was.
+//!
+//! Three compressor bugs crash this target within seconds (found by it; reproducers in
+//! `known_bug`). Feature `skip-known-bugs` steps around exactly those so that a run can
+//! look for others:
+//! 1. `Selection::Adaptive(Target::Bytes(_))` with `numel = 0` panics in the first
+//!    `compress` (`target_count` clamps k to at least 1; `kth_largest` on an empty slice);
+//! 2. int8, and QSGD with some level counts (25 of 255, e.g. 127), quantise a tensor whose
+//!    largest magnitude is exactly `f32::MAX` to a message that decodes to ±inf
+//!    (`code · scale` overflows), leaving ∓inf in the residual; `compress` returns `Ok`;
+//! 3. QSGD with a tiny (e.g. subnormal) largest magnitude overflows `floor + up` in
+//!    `Quantizer::encode` (a panic with overflow checks on, level 0 for everything without).
+#![no_main]
+
+use iotcompress_core::wire::{for_each_entry, parse};
+use iotcompress_core::{
+    decode_to_vec, Config, Error, Momentum, OwnedCompressor, Quant, Selection, Target,
+};
+use libfuzzer_sys::arbitrary::{Result, Unstructured};
+use libfuzzer_sys::fuzz_target;
+
+const MAX_NUMEL: usize = 2048;
+
+// The density conversions are identities while densities are f32.
+#[allow(clippy::useless_conversion)]
+fn config(u: &mut Unstructured<'_>) -> Result<Config> {
+    let unit = |b: u8| (b as f32 + 1.0) / 256.0; // (0, 1]
+    let selection = match u.int_in_range(0..=4u8)? {
+        0 => Selection::Dense,
+        1 => {
+            // From 0 up to large thresholds, on a log scale.
+            let e = u.int_in_range(-30i32..=30)?;
+            Selection::Threshold(unit(u.arbitrary()?) * 2f32.powi(e))
+        }
+        2 => Selection::TopK {
+            // `.into()`: densities are f32 or f64 depending on the core's version.
+            density: unit(u.arbitrary()?).into(),
+            exact: u.arbitrary()?,
+        },
+        3 => Selection::Adaptive(Target::Density(unit(u.arbitrary()?).into())),
+        _ => Selection::Adaptive(Target::Bytes(u.int_in_range(1..=20_000u32)?)),
+    };
+    let quant = match u.int_in_range(0..=7u8)? {
+        0 => Quant::F32,
+        1 => Quant::F16,
+        2 => Quant::Bf16,
+        3 => Quant::Int8,
+        4 => Quant::Int4,
+        5 => Quant::Sign,
+        6 => Quant::Ternary,
+        _ => Quant::Qsgd {
+            levels: u.int_in_range(1..=255u8)?,
+        },
+    };
+    let factor = u.int_in_range(0..=255u8)? as f32 / 256.0; // [0, 1)
+    let momentum = match u.int_in_range(0..=2u8)? {
+        0 => Momentum::None,
+        1 => Momentum::Vanilla(factor),
+        _ => Momentum::Nesterov(factor),
+    };
+    Ok(Config {
+        selection,
+        quant,
+        momentum,
+        seed: u.arbitrary()?,
+    })
+}
+
+/// A finite gradient: raw bit patterns (non-finite ones replaced) or values of one scale.
+fn gradient(u: &mut Unstructured<'_>, n: usize) -> Result<Vec<f32>> {
+    let raw = u.arbitrary::<bool>()?;
+    let scale = 2f32.powi(u.int_in_range(-40i32..=40)?);
+    let mut g = Vec::with_capacity(n);
+    for _ in 0..n {
+        let x = if raw {
+            f32::from_bits(u.arbitrary()?)
+        } else {
+            u.arbitrary::<i16>()? as f32 / 32768.0 * scale
+        };
+        g.push(if x.is_finite() { x } else { 0.0 });
+    }
+    Ok(g)
+}
+
+/// `(v, u_new)` as the core defines them (see `feedback.rs`).
+fn accumulate(m: Momentum, r: f32, u: f32, g: f32) -> (f32, f32) {
+    match m {
+        Momentum::None => (r + g, u),
+        Momentum::Vanilla(f) => {
+            let x = f * u + g;
+            (r + x, x)
+        }
+        Momentum::Nesterov(f) => {
+            let x = f * (u + g);
+            (r + x + g, x)
+        }
+    }
+}
+
+fn run(data: &[u8]) -> Result<()> {
+    let mut u = Unstructured::new(data);
+    let cfg = config(&mut u)?;
+    let n = u.int_in_range(0..=MAX_NUMEL)?;
+    let steps = u.int_in_range(1..=3u8)?;
+    if known_bug::empty_adaptive_bytes(&cfg, n) {
+        return Ok(());
+    }
+    let mut c = OwnedCompressor::new(cfg, n).expect("every drawn config is valid");
+    for step in 0..steps {
+        let g = gradient(&mut u, n)?;
+        let (v, u_new): (Vec<f32>, Vec<f32>) = (0..n)
+            .map(|i| {
+                let ui = c.velocity().get(i).copied().unwrap_or(0.0);
+                accumulate(cfg.momentum, c.residual()[i], ui, g[i])
+            })
+            .unzip();
+        let v_max = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        if known_bug::qsgd_tiny_scale(&cfg, v_max) {
+            return Ok(());
+        }
+        let mut msg = vec![0u8; c.max_message_len()];
+        let info = match c.compress(&g, &mut msg) {
+            Ok(info) => info,
+            // The accumulated state overflowed f32: documented, the state is now spent.
+            Err(Error::Overflow) => return Ok(()),
+            Err(e) => panic!("{cfg:?} n={n} step={step}: compress failed: {e:?}"),
+        };
+        let msg = &msg[..info.bytes];
+        let decoded = decode_to_vec(msg, n);
+        if known_bug::overflowing_scale(&cfg, v_max, &decoded) {
+            return Ok(());
+        }
+        let d = decoded.expect("the encoder's message decodes");
+        let m = parse(msg, n).expect("the encoder's message parses");
+        assert_eq!(m.header.numel as usize, n);
+        assert_eq!(m.header.nnz as usize, info.nnz);
+        let mut sent = vec![false; n];
+        for_each_entry(&m, |i, _| sent[i] = true).expect("entries decode");
+        for i in 0..n {
+            let (v, r) = (v[i], c.residual()[i]);
+            let ctx = || {
+                format!(
+                    "{cfg:?} n={n} step={step} i={i}: g={} v={v} decoded={} r={r}",
+                    g[i], d[i]
+                )
+            };
+            assert!(d[i].is_finite() && r.is_finite(), "not finite: {}", ctx());
+            let back = d[i] + r;
+            if cfg.quant == Quant::F32 {
+                assert_eq!(back.to_bits(), v.to_bits(), "{}", ctx());
+            } else {
+                let tol = 2.0 * f32::EPSILON * (v.abs() + d[i].abs());
+                assert!((back - v).abs() <= tol, "off by {}: {}", back - v, ctx());
+            }
+            if !sent[i] {
+                assert_eq!(r.to_bits(), v.to_bits(), "unsent entry changed: {}", ctx());
+            }
+            if cfg.momentum.has_velocity() {
+                let want = if sent[i] { 0.0 } else { u_new[i] };
+                assert_eq!(
+                    c.velocity()[i].to_bits(),
+                    want.to_bits(),
+                    "velocity: {}",
+                    ctx()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The bugs `skip-known-bugs` steps around; each check is false without the feature.
+mod known_bug {
+    use super::*;
+
+    /// `OwnedCompressor::new(Config::new(Selection::Adaptive(Target::Bytes(1))), 0)` then
+    /// `compress_to_vec(&[])` panics: "partition_at_index index 0 greater than length of
+    /// slice 0" (select.rs `kth_largest` from compress.rs `top_k`).
+    pub fn empty_adaptive_bytes(cfg: &Config, n: usize) -> bool {
+        cfg!(feature = "skip-known-bugs")
+            && n == 0
+            && matches!(cfg.selection, Selection::Adaptive(Target::Bytes(_)))
+    }
+
+    /// Dense int8 of `[f32::MAX]` is `49 43 01 03 01 01 04 02 01 7c 7f` + CRC: scale
+    /// `f32::MAX / 127` rounds up, code 127 decodes to +inf, the residual becomes -inf.
+    /// (A decoder that checks decoded values rejects such a message with `BadValue`.)
+    pub fn overflowing_scale(
+        cfg: &Config,
+        v_max: f32,
+        decoded: &core::result::Result<Vec<f32>, Error>,
+    ) -> bool {
+        cfg!(feature = "skip-known-bugs")
+            && matches!(cfg.quant, Quant::Int8 | Quant::Qsgd { .. })
+            && v_max == f32::MAX
+            && match decoded {
+                Ok(d) => d.iter().any(|x| !x.is_finite()),
+                Err(e) => *e == Error::BadValue,
+            }
+    }
+
+    /// QSGD whose scale `max|v|` is so small that `levels / scale` overflows to inf (any
+    /// subnormal, and for s = 15 anything below about 1.3e-38): `x = |v| · inf` saturates
+    /// to `u32::MAX` in `Quantizer::encode` and `floor + up` overflows ("attempt to add with
+    /// overflow", quant.rs, in builds with overflow checks; release wraps to level 0, so
+    /// nothing is transmitted). Dense QSGD s = 15 of `[1e-45]` reproduces it.
+    pub fn qsgd_tiny_scale(cfg: &Config, v_max: f32) -> bool {
+        cfg!(feature = "skip-known-bugs")
+            && matches!(cfg.quant, Quant::Qsgd { levels } if (levels as f32 / v_max).is_infinite())
+            && v_max > 0.0
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let _ = run(data);
+});
