@@ -24,7 +24,9 @@
 //! elements, one message's error is twice the gradient's norm and the residual diverges).
 //! The stochastic quantisers draw from [`crate::rng`], seeded per message.
 
-use crate::float::{abs, bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, round_half_away};
+use crate::float::{
+    abs, bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, is_finite_bits, round_half_away,
+};
 use crate::rng;
 
 /// A value quantiser. `Qsgd { levels }` takes `levels` in `1..=255`.
@@ -167,13 +169,34 @@ impl Quant {
 
     /// The message scale from the statistics of the `nnz` selected values.
     pub(crate) fn scale(self, s: &ValueStats, nnz: usize) -> f32 {
-        match self {
+        let mut scale = match self {
             Quant::Int8 => s.max_abs / 127.0,
             Quant::Int4 => s.max_abs / 7.0,
             Quant::Ternary => s.max_abs,
             Quant::Sign if nnz > 0 => (s.sum_abs / nnz as f64) as f32,
             Quant::Qsgd { .. } => s.max_abs,
-            _ => 0.0,
+            _ => return 0.0,
+        };
+        // The largest code must decode to a finite value: near f32::MAX, `(max/127)·127` can
+        // round up to infinity. Step the scale down until it does not (at most a few ulps).
+        while scale > 0.0
+            && !is_finite_bits(
+                decode_code(self, decode_unit(self, scale), self.max_code()).to_bits(),
+            )
+        {
+            scale = f32::from_bits(scale.to_bits() - 1);
+        }
+        scale
+    }
+
+    /// The code of the largest positive value.
+    const fn max_code(self) -> u32 {
+        match self {
+            Quant::Int8 => 127,
+            Quant::Int4 => 7,
+            Quant::Ternary => 2,
+            Quant::Qsgd { levels } => levels as u32,
+            _ => 0,
         }
     }
 }
@@ -187,7 +210,9 @@ pub(crate) const fn level_bits(levels: u8) -> u32 {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Quantizer {
     pub quant: Quant,
-    /// Multiplier taking |v| to code units (0 when the scale is 0).
+    /// Pre-multiplier of `v` (1, or 2^64 for tiny scales).
+    pre: f32,
+    /// Multiplier taking `|v|·pre` to code units (0 when the scale is 0).
     inv: f32,
     /// Decoded magnitude of one code unit.
     unit: f32,
@@ -196,18 +221,31 @@ pub(crate) struct Quantizer {
 
 impl Quantizer {
     pub fn new(quant: Quant, scale: f32, stream: u32) -> Self {
+        // A tiny (e.g. subnormal) scale has no finite reciprocal: quantise `v·2^64` against
+        // `scale·2^64` instead. For ordinary scales `pre` is 1 and changes no bit.
+        let pre = if scale > 0.0 && scale < 1e-30 {
+            18_446_744_073_709_551_616.0
+        } else {
+            1.0
+        };
         let (inv, unit) = match quant {
-            Quant::Int8 | Quant::Int4 | Quant::Ternary | Quant::Sign => {
-                (if scale > 0.0 { 1.0 / scale } else { 0.0 }, scale)
-            }
+            Quant::Int8 | Quant::Int4 | Quant::Ternary | Quant::Sign => (
+                if scale > 0.0 {
+                    1.0 / (scale * pre)
+                } else {
+                    0.0
+                },
+                scale,
+            ),
             Quant::Qsgd { levels } => {
                 let s = levels as f32;
-                (if scale > 0.0 { s / scale } else { 0.0 }, scale / s)
+                (if scale > 0.0 { s / (scale * pre) } else { 0.0 }, scale / s)
             }
             _ => (0.0, 0.0),
         };
         Quantizer {
             quant,
+            pre,
             inv,
             unit,
             stream,
@@ -221,11 +259,13 @@ impl Quantizer {
             Quant::F32 => v.to_bits(),
             Quant::F16 => f32_to_f16(v) as u32,
             Quant::Bf16 => f32_to_bf16(v) as u32,
-            Quant::Int8 => (round_half_away(v * self.inv).clamp(-127, 127) as u32) & 0xff,
-            Quant::Int4 => (round_half_away(v * self.inv).clamp(-7, 7) as u32) & 0xf,
+            Quant::Int8 => {
+                (round_half_away(v * self.pre * self.inv).clamp(-127, 127) as u32) & 0xff
+            }
+            Quant::Int4 => (round_half_away(v * self.pre * self.inv).clamp(-7, 7) as u32) & 0xf,
             Quant::Sign => (v.to_bits() >> 31) & 1,
             Quant::Ternary => {
-                let p = abs(v) * self.inv;
+                let p = abs(v) * self.pre * self.inv;
                 if rng::uniform(self.stream, index) < p {
                     if v < 0.0 {
                         0
@@ -237,11 +277,11 @@ impl Quantizer {
                 }
             }
             Quant::Qsgd { levels } => {
-                let x = abs(v) * self.inv;
+                let x = abs(v) * self.pre * self.inv;
                 let floor = x as u32; // x >= 0
                 let frac = x - floor as f32;
                 let up = (rng::uniform(self.stream, index) < frac) as u32;
-                let level = (floor + up).min(levels as u32);
+                let level = floor.saturating_add(up).min(levels as u32);
                 let sign = if level > 0 {
                     (v.to_bits() >> 31) & 1
                 } else {

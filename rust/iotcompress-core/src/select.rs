@@ -144,7 +144,9 @@ impl ThresholdController {
                 } else {
                     value_bits as f64 + 12.0
                 };
-                ((body_bits / bpe) as usize).clamp(1, numel.max(1))
+                ((body_bits / bpe) as usize)
+                    .clamp(1, numel.max(1))
+                    .min(numel)
             }
         }
     }

