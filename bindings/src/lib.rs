@@ -138,6 +138,16 @@ impl PyCompressor {
         }
     }
 
+    /// Sum of squares of the residual (f64), without copying it.
+    #[getter]
+    fn residual_sq_norm(&self) -> f64 {
+        self.inner
+            .residual()
+            .iter()
+            .map(|&x| x as f64 * x as f64)
+            .sum()
+    }
+
     #[getter]
     fn has_velocity(&self) -> bool {
         !self.inner.velocity().is_empty()

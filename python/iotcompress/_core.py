@@ -241,6 +241,11 @@ class Compressor:
         return self._ext.residual
 
     @property
+    def residual_norm(self) -> float:
+        """The L2 norm of the residual, computed without a copy."""
+        return math.sqrt(self._ext.residual_sq_norm)
+
+    @property
     def velocity(self) -> np.ndarray:
         """A copy of the momentum velocity (zeros when ``momentum == 0``)."""
         return self._ext.velocity

@@ -1,0 +1,324 @@
+"""The DDP communication hook: top-k / threshold / DGC compression of gradient buckets.
+
+In the idiom of ``torch.distributed.algorithms.ddp_comm_hooks``::
+
+    from iotcompress.torch import CompressionState, compression_hook
+    state = CompressionState(density=0.001, quant="int8", momentum=0.9, warmup_steps=200)
+    ddp_model.register_comm_hook(state, compression_hook)
+    opt = torch.optim.SGD(ddp_model.parameters(), lr=0.1, momentum=0.0)  # momentum lives in the hook
+
+(No ``from __future__ import annotations`` here: DDP checks the hook's annotations at run time.)
+"""
+
+
+import math
+import zlib
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+import iotcompress as ic
+
+from ._frames import join_frames, split_frames
+
+__all__ = ["CompressionState", "compression_hook", "warmup_density"]
+
+_STATE_FORMAT = 1
+
+
+def warmup_density(target: float, step: int, warmup_steps: int) -> float:
+    """DGC's warm-up schedule (Lin et al., ICLR 2018, §4): over ``warmup_steps`` the density
+    falls through 25 %, 6.25 %, 1.5625 % and 0.390625 % (four equal stages), then stays at
+    ``target``; never below the target.
+
+    Example::
+
+        >>> [warmup_density(0.001, s, 8) for s in (0, 2, 4, 6, 8)]
+        [0.25, 0.0625, 0.015625, 0.00390625, 0.001]
+    """
+    if step >= warmup_steps:
+        return target
+    stage = step * 4 // warmup_steps
+    return max(target, 0.25 ** (stage + 1))
+
+
+class CompressionState:
+    """State of :func:`compression_hook`: one error-feedback compressor per parameter.
+
+    The options are those of :class:`iotcompress.Compressor` plus:
+
+    * ``warmup_steps``: DGC's density warm-up (needs ``density``), see :func:`warmup_density`;
+    * ``clip_norm``: DGC's local gradient clipping: each bucket's gradient is scaled so its
+      L2 norm is at most ``clip_norm / sqrt(world_size)`` before it enters the residual.
+
+    Each parameter has its own compressor, so residuals follow parameters, not buckets: DDP's
+    bucket rebuild after the first iteration loses nothing. Parameters are keyed by their
+    position in DDP's *initial* bucket layout, which is the same in every process started
+    with the same model and ``bucket_cap_mb``; that is what makes :meth:`state_dict`
+    restorable in a new process.
+
+    ``stats`` (after each step): ``iteration``, ``bytes_sent`` and ``bytes_received`` by this
+    rank in the last step, ``dense_bytes`` (what plain allreduce would have sent),
+    ``density`` (entries sent / elements), ``residual_norm``, and running totals
+    ``total_bytes_sent``, ``total_bytes_received``, ``total_dense_bytes``.
+
+    Example::
+
+        state = CompressionState(density=0.001, quant="int8", momentum=0.9, warmup_steps=100)
+        model.register_comm_hook(state, compression_hook)
+        ...
+        torch.save({"model": model.state_dict(), "hook": state.state_dict()}, path)
+    """
+
+    __slots__ = (
+        "process_group",
+        "options",
+        "warmup_steps",
+        "clip_norm",
+        "iteration",
+        "stats",
+        "_compressors",
+        "_keys",
+        "_pending",
+        "_step",
+    )
+
+    def __init__(
+        self,
+        process_group: Optional[dist.ProcessGroup] = None,
+        *,
+        density: Optional[float] = None,
+        threshold: Optional[float] = None,
+        quant: str = "f32",
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        warmup_steps: int = 0,
+        clip_norm: Optional[float] = None,
+        seed: int = 0,
+    ) -> None:
+        options = dict(density=density, threshold=threshold, quant=quant, momentum=momentum, nesterov=nesterov, seed=seed)
+        ic.Compressor(1, **options)  # validates every option with the package's messages
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        if warmup_steps and density is None:
+            raise ValueError("warmup_steps needs density=...: the warm-up lowers the top-k density step by step")
+        if clip_norm is not None and not (isinstance(clip_norm, (int, float)) and clip_norm > 0 and math.isfinite(clip_norm)):
+            raise ValueError(f"clip_norm must be a positive number, got {clip_norm!r}")
+        self.process_group = process_group
+        self.options = options
+        self.warmup_steps = warmup_steps
+        self.clip_norm = None if clip_norm is None else float(clip_norm)
+        self.iteration = 0
+        self.stats: Dict[str, Any] = {"total_bytes_sent": 0, "total_bytes_received": 0, "total_dense_bytes": 0}
+        self._compressors: Dict[str, ic.Compressor] = {}
+        self._keys: Dict[int, str] = {}
+        self._pending: Dict[str, Dict[str, Any]] = {}
+        self._step = _StepStats()
+
+    # -- parameters and their compressors -------------------------------------------------
+
+    def _density_now(self) -> Optional[float]:
+        density = self.options["density"]
+        if density is None or not self.warmup_steps:
+            return density
+        return warmup_density(density, self.iteration, self.warmup_steps)
+
+    def _compressor(self, param: torch.Tensor, bucket_index: int, position: int) -> ic.Compressor:
+        key = self._keys.get(id(param))
+        if key is None:
+            key = f"{bucket_index}.{position}"
+            self._keys[id(param)] = key
+        comp = self._compressors.get(key)
+        if comp is None:
+            opts = dict(self.options)
+            # Each parameter gets its own random streams, the same in every process.
+            opts["seed"] = (opts["seed"] * 0x9E3779B1 + zlib.crc32(key.encode())) % 2**64
+            if opts["density"] is not None:
+                opts["density"] = self._density_now()
+            comp = ic.Compressor(param.numel(), **opts)
+            pending = self._pending.pop(key, None)
+            if pending is not None:
+                comp.load_state_dict(pending)
+            self._compressors[key] = comp
+        return comp
+
+    def compressor_for(self, param: torch.Tensor) -> Optional[ic.Compressor]:
+        """The compressor holding ``param``'s residual and velocity (None before the first
+        step that saw it).
+
+        Example::
+
+            r = state.compressor_for(model.module.fc.weight).residual
+        """
+        key = self._keys.get(id(param))
+        return None if key is None else self._compressors.get(key)
+
+    # -- checkpointing ------------------------------------------------------------------------
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Options, iteration and every parameter's compressor state (numpy arrays).
+
+        Example::
+
+            torch.save(state.state_dict(), "hook.pt")
+        """
+        compressors = {key: c.state_dict() for key, c in self._compressors.items()}
+        compressors.update({k: v for k, v in self._pending.items() if k not in compressors})
+        return {
+            "format": _STATE_FORMAT,
+            "options": dict(self.options),
+            "warmup_steps": self.warmup_steps,
+            "clip_norm": self.clip_norm,
+            "iteration": self.iteration,
+            "stats": dict(self.stats),
+            "compressors": compressors,
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restores :meth:`state_dict`; the options must match. Compressors are rebuilt lazily
+        as their parameters appear, so this may be called before the first step.
+
+        Example::
+
+            state.load_state_dict(torch.load("hook.pt", weights_only=False))
+        """
+        if state.get("format") != _STATE_FORMAT:
+            raise ValueError(f"unknown CompressionState format {state.get('format')!r}")
+        mine = (self.options, self.warmup_steps, self.clip_norm)
+        theirs = (dict(state["options"]), state["warmup_steps"], state["clip_norm"])
+        if mine != theirs:
+            raise ValueError(f"checkpoint options {theirs} differ from this state's {mine}")
+        self.iteration = int(state["iteration"])
+        self.stats = dict(state["stats"])
+        self._pending = dict(state["compressors"])
+        for key, comp in self._compressors.items():
+            if key in self._pending:
+                comp.load_state_dict(self._pending.pop(key))
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # The process group does not pickle; the restored state uses the default group.
+        return self.state_dict()
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        o = state["options"]
+        CompressionState.__init__(
+            self, None, density=o["density"], threshold=o["threshold"], quant=o["quant"], momentum=o["momentum"],
+            nesterov=o["nesterov"], warmup_steps=state["warmup_steps"], clip_norm=state["clip_norm"], seed=o["seed"],
+        )
+        self.load_state_dict(state)
+
+    def __repr__(self) -> str:
+        return f"CompressionState({self.options}, warmup_steps={self.warmup_steps}, clip_norm={self.clip_norm})"
+
+
+class _StepStats:
+    __slots__ = ("sent", "received", "dense", "nnz", "numel", "residual_sq")
+
+    def __init__(self) -> None:
+        self.sent = self.received = self.dense = self.nnz = self.numel = 0
+        self.residual_sq = 0.0
+
+
+def _bucket_layout(bucket: dist.GradBucket) -> List[Tuple[torch.Tensor, int, int]]:
+    """(parameter, offset, numel) in the bucket's flat buffer."""
+    layout, offset = [], 0
+    for p in bucket.parameters():
+        layout.append((p, offset, p.numel()))
+        offset += p.numel()
+    return layout
+
+
+def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook: compresses this rank's bucket with error feedback, exchanges
+    the variable-size messages with ``all_gather`` (sizes first, then the bytes), adds every
+    rank's message into a dense buffer and divides by the world size.
+
+    Works with gloo (CPU tensors) and NCCL (CUDA tensors, compressed through a CPU copy), with
+    fp32, fp16 and bf16 buckets. A message that carries no entry is legal.
+
+    Example::
+
+        ddp_model.register_comm_hook(CompressionState(density=0.001, quant="int8"), compression_hook)
+    """
+    group = state.process_group if state.process_group is not None else dist.group.WORLD
+    world = dist.get_world_size(group)
+    buffer = bucket.buffer()
+    device, dtype = buffer.device, buffer.dtype
+    comm_device = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+
+    flat = buffer.detach()
+    if flat.device.type != "cpu":
+        staging = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+        staging.copy_(flat)
+        flat = staging
+    flat = flat.to(torch.float32).contiguous()
+    if state.clip_norm is not None:
+        limit = state.clip_norm / math.sqrt(world)
+        norm = float(torch.linalg.vector_norm(flat))
+        if norm > limit:
+            flat = flat * (limit / norm)
+    grad = flat.numpy()
+
+    layout = _bucket_layout(bucket)
+    density = state._density_now()
+    messages = []
+    step = state._step
+    for position, (param, offset, numel) in enumerate(layout):
+        comp = state._compressor(param, bucket.index(), position)
+        if density is not None and comp.options["density"] != density:
+            comp.set_selection(density=density, exact=comp.options["exact"])
+        messages.append(comp.compress(grad[offset : offset + numel]))
+        step.nnz += comp.last_nnz
+        step.residual_sq += comp.residual_norm**2
+    blob = join_frames(messages)
+    step.numel += grad.size
+    step.sent += len(blob)
+    step.dense += 4 * grad.size
+
+    # Sizes first (tiny, blocking), then the bytes padded to the largest message.
+    size = torch.tensor([len(blob)], dtype=torch.int64, device=comm_device)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=comm_device) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    lengths = [int(s.item()) for s in sizes]
+    payload = torch.zeros(max(lengths), dtype=torch.uint8)
+    payload[: len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    payload = payload.to(comm_device)
+    gathered = [torch.empty_like(payload) for _ in range(world)]
+    fut = dist.all_gather(gathered, payload, group=group, async_op=True).get_future()
+    is_last = bucket.is_last()
+
+    def decode(_: torch.futures.Future) -> torch.Tensor:
+        total = torch.zeros(grad.size, dtype=torch.float32)
+        out = total.numpy()
+        for rank, length in enumerate(lengths):
+            data = gathered[rank][:length].cpu().numpy().tobytes()
+            if rank != dist.get_rank(group):
+                step.received += length
+            frames = split_frames(data, len(layout))
+            for (param, offset, numel), msg in zip(layout, frames):
+                ic.decode_add(msg, out[offset : offset + numel], scale=1.0 / world)
+        if is_last:
+            _finish_step(state)
+        return total.to(device=device, dtype=dtype)
+
+    return fut.then(decode)
+
+
+def _finish_step(state: CompressionState) -> None:
+    s = state._step
+    state.stats.update(
+        iteration=state.iteration,
+        bytes_sent=s.sent,
+        bytes_received=s.received,
+        dense_bytes=s.dense,
+        density=s.nnz / max(s.numel, 1),
+        residual_norm=math.sqrt(s.residual_sq),
+        total_bytes_sent=state.stats.get("total_bytes_sent", 0) + s.sent,
+        total_bytes_received=state.stats.get("total_bytes_received", 0) + s.received,
+        total_dense_bytes=state.stats.get("total_dense_bytes", 0) + s.dense,
+    )
+    state.iteration += 1
+    state._step = _StepStats()
+
+
