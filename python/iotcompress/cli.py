@@ -19,79 +19,10 @@ import numpy as np
 import iotcompress as ic
 
 
-def _digits_cnn():
-    import torch
-    from torch import nn
-
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10),
-    )
-
-
-def _digits():
-    import torch
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.images / 16.0, dtype=torch.float32).unsqueeze(1)
-    y = torch.tensor(data.target, dtype=torch.long)
-    g = torch.Generator().manual_seed(0)
-    perm = torch.randperm(len(y), generator=g)
-    split = int(0.8 * len(y))
-    return (x[perm[:split]], y[perm[:split]]), (x[perm[split:]], y[perm[split:]])
-
-
 def _flat_grad(model) -> np.ndarray:
     import torch
 
     return torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy().copy()
-
-
-def _apply_flat(model, flat: np.ndarray) -> None:
-    import torch
-
-    offset = 0
-    for p in model.parameters():
-        n = p.numel()
-        p.grad.copy_(torch.from_numpy(flat[offset : offset + n]).view_as(p))
-        offset += n
-
-
-def _train(options: Optional[dict], epochs: int, lr: float, momentum: float, progress: str) -> tuple:
-    """Trains the digits CNN; with ``options`` every gradient goes through an iotcompress
-    round trip (compress -> bytes -> decode) as it would between two machines."""
-    import torch
-    from torch import nn
-
-    (xtr, ytr), (xte, yte) = _digits()
-    model = _digits_cnn()
-    numel = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    comp = ic.Compressor(numel, **options) if options is not None else None
-    sent, steps = 0, 0
-    batch = 32
-    for epoch in range(epochs):
-        perm = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(epoch))
-        for i in range(0, len(ytr), batch):
-            idx = perm[i : i + batch]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
-            if comp is None:
-                sent += 4 * numel
-            else:
-                msg = comp.compress(_flat_grad(model))
-                sent += len(msg)
-                _apply_flat(model, ic.decode(msg, numel))
-            opt.step()
-            steps += 1
-        with torch.no_grad():
-            acc = (model(xte).argmax(1) == yte).float().mean().item()
-        print(f"\r  {progress}: epoch {epoch + 1}/{epochs}, test accuracy {acc:.3f}", end="", flush=True)
-    print()
-    return acc, sent / steps, numel
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -103,8 +34,10 @@ def demo(args: argparse.Namespace) -> int:
         return 2
 
     print("iotcompress demo: a real gradient of a CNN on scikit-learn's digits, compressed\n")
-    (xtr, ytr), _ = _digits()
-    model = _digits_cnn()
+    from iotcompress.torch.digits import digits_cnn, digits_data
+
+    (xtr, ytr), _ = digits_data()
+    model = digits_cnn()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     for i in range(0, 640, 32):  # a few steps so the gradient is a mid-training one
         opt.zero_grad()
@@ -150,20 +83,24 @@ def demo(args: argparse.Namespace) -> int:
 
     if args.quick:
         return 0
-    print("training the CNN three ways, every gradient through a compress/decode round trip:")
-    rows = [
-        ("dense (plain SGD, momentum 0.9)", None, 0.9),
-        ("DGC top-1% int8, momentum in compressor", {"density": 0.01, "quant": "int8", "momentum": 0.9}, 0.0),
-        ("DGC top-0.1% int8, momentum in compressor", {"density": 0.001, "quant": "int8", "momentum": 0.9}, 0.0),
+    from iotcompress.torch.digits import DGC_OPTIONS, train
+
+    print(f"data-parallel training: {args.workers} gloo workers on localhost, the CNN on digits, "
+          f"{args.epochs} epochs, batch 32 per worker")
+    runs = [
+        ("dense allreduce", "dense"),
+        ("PowerSGD hook (rank 1)", "powersgd"),
+        (f"iotcompress DGC {DGC_OPTIONS['density']:.1%} {DGC_OPTIONS['quant']}", "iotcompress"),
     ]
     results = []
-    for name, opts, mom in rows:
-        t0 = time.perf_counter()
-        acc, per_step, numel = _train(opts, args.epochs, 0.05, mom, name)
-        results.append((name, acc, per_step, time.perf_counter() - t0, numel))
-    print(f"\n{'run':<44}{'test acc':>9}{'bytes/step':>12}{'ratio':>9}{'wall':>8}")
-    for name, acc, per_step, wall, numel in results:
-        print(f"{name:<44}{acc:>9.3f}{per_step:>12,.0f}{4 * numel / per_step:>8.1f}x{wall:>7.1f}s")
+    for label, method in runs:
+        results.append((label, train(method, world=args.workers, epochs=args.epochs, progress=True)))
+    print(f"\n{'method':<28}{'test acc':>9}{'bytes/step/worker':>19}{'ratio':>9}{'wall':>8}")
+    for label, r in results:
+        print(f"{label:<28}{r['accuracy']:>9.3f}{r['bytes_per_step']:>19,.0f}"
+              f"{r['dense_bytes_per_step'] / r['bytes_per_step']:>8.1f}x{r['wall_s']:>7.1f}s")
+    print("\n(bytes per step: what one worker sends, after the warm-up of PowerSGD and DGC; wall: the")
+    print(" training loop on rank 0; DGC keeps momentum and error feedback in the hook, SGD without momentum)")
     return 0
 
 
@@ -183,8 +120,9 @@ def inspect_cmd(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="iotcompress", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="compress a real model's gradient and train with compression")
-    p.add_argument("--epochs", type=int, default=8)
+    p = sub.add_parser("demo", help="compress a real gradient, then train with 4 workers three ways")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--workers", type=int, default=4)
     p.add_argument("--quick", action="store_true", help="only the one-gradient table")
     p.set_defaults(func=demo)
     p = sub.add_parser("inspect", help="print the header of message files")

@@ -130,6 +130,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, method: str, ep
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
     finally:
+        dist.barrier()  # no rank tears down while another still uses the group
         dist.destroy_process_group()
 
 

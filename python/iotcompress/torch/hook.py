@@ -15,6 +15,7 @@ import math
 import zlib
 from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -49,8 +50,10 @@ class CompressionState:
     The options are those of :class:`iotcompress.Compressor` plus:
 
     * ``warmup_steps``: DGC's density warm-up (needs ``density``), see :func:`warmup_density`;
-    * ``clip_norm``: DGC's local gradient clipping: each bucket's gradient is scaled so its
-      L2 norm is at most ``clip_norm / sqrt(world_size)`` before it enters the residual.
+    * ``clip_norm``: DGC's local gradient clipping: each parameter's gradient is scaled so
+      its L2 norm is at most ``clip_norm / sqrt(world_size)`` before it enters the residual
+      (per parameter, as in DGC's reference code, which also keeps it independent of DDP's
+      bucket layout).
 
     Each parameter has its own compressor, so residuals follow parameters, not buckets: DDP's
     bucket rebuild after the first iteration loses nothing. Parameters are keyed by their
@@ -252,13 +255,8 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
         staging = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
         staging.copy_(flat)
         flat = staging
-    flat = flat.to(torch.float32).contiguous()
-    if state.clip_norm is not None:
-        limit = state.clip_norm / math.sqrt(world)
-        norm = float(torch.linalg.vector_norm(flat))
-        if norm > limit:
-            flat = flat * (limit / norm)
-    grad = flat.numpy()
+    grad = flat.to(torch.float32).contiguous().numpy()
+    clip = None if state.clip_norm is None else state.clip_norm / math.sqrt(world)
 
     layout = _bucket_layout(bucket)
     density = state._density_now()
@@ -268,7 +266,12 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
         comp = state._compressor(param, bucket.index(), position)
         if density is not None and comp.options["density"] != density:
             comp.set_selection(density=density, exact=comp.options["exact"])
-        messages.append(comp.compress(grad[offset : offset + numel]))
+        g = grad[offset : offset + numel]
+        if clip is not None:
+            norm = float(np.sqrt(np.dot(g.astype(np.float64), g.astype(np.float64))))
+            if norm > clip:
+                g = g * np.float32(clip / norm)
+        messages.append(comp.compress(g))
         step.nnz += comp.last_nnz
         step.residual_sq += comp.residual_norm**2
     blob = join_frames(messages)
