@@ -12,6 +12,9 @@
 //! | `Ternary` | trit, 5 per byte | `max|v|` | `{-1,0,1}·scale`, unbiased | `scale` |
 //! | `Qsgd{s}` | sign bit + level in [0, s] | `max|v|` | `sign·level·scale/s`, unbiased | `scale/s` |
 //!
+//! The bounds hold up to f32 rounding and, where a scale or code unit is subnormal, the
+//! absolute precision of subnormals (2^-149 per operation).
+//!
 //! Sources: half precision is IEEE 754-2008; bfloat16 is Google Brain's format;
 //! `Sign` is 1-bit SGD with error feedback (Seide et al., Interspeech 2014; Karimireddy
 //! et al., "Error Feedback Fixes SignSGD", ICML 2019), whose scale is the mean magnitude
@@ -170,8 +173,9 @@ impl Quant {
     /// The message scale from the statistics of the `nnz` selected values.
     pub(crate) fn scale(self, s: &ValueStats, nnz: usize) -> f32 {
         let mut scale = match self {
-            Quant::Int8 => s.max_abs / 127.0,
-            Quant::Int4 => s.max_abs / 7.0,
+            // A non-zero maximum never gets a zero scale (subnormal underflow).
+            Quant::Int8 => (s.max_abs / 127.0).max(f32::from_bits((s.max_abs > 0.0) as u32)),
+            Quant::Int4 => (s.max_abs / 7.0).max(f32::from_bits((s.max_abs > 0.0) as u32)),
             Quant::Ternary => s.max_abs,
             Quant::Sign if nnz > 0 => (s.sum_abs / nnz as f64) as f32,
             Quant::Qsgd { .. } => s.max_abs,
