@@ -308,16 +308,9 @@ impl Compressor {
     ) -> Result<(Picked, usize), Error> {
         let n = self.numel;
         let m = self.config.momentum;
-        let finish = |(count, finite): (usize, bool)| {
-            if finite {
-                Ok(count)
-            } else {
-                Err(Error::Overflow)
-            }
-        };
         match self.config.selection {
             Selection::Dense => {
-                finish(accumulate(m, r, u, g, None, &mut []))?;
+                accumulate(m, r, u, g, None, &mut [])?;
                 Ok((Picked::All, n))
             }
             Selection::Threshold(wt) => Ok((self.threshold_pick(r, u, g, scratch, wt)?, n)),
@@ -349,11 +342,7 @@ impl Compressor {
     ) -> Result<Picked, Error> {
         let t = mag_bits(wt);
         let cap = threshold_list_cap(self.numel).min(scratch.len());
-        let (count, finite) =
-            accumulate(self.config.momentum, r, u, g, Some(t), &mut scratch[..cap]);
-        if !finite {
-            return Err(Error::Overflow);
-        }
+        let count = accumulate(self.config.momentum, r, u, g, Some(t), &mut scratch[..cap])?;
         Ok(if count <= cap {
             Picked::List {
                 start: 0,
@@ -381,18 +370,11 @@ impl Compressor {
         let m = self.config.momentum;
         let plan = SamplePlan::new(n, k);
         if k == 0 {
-            let (_, finite) = accumulate(m, r, u, g, None, &mut []);
-            return if finite {
-                Ok(Picked::List { start: 0, len: 0 })
-            } else {
-                Err(Error::Overflow)
-            };
+            accumulate(m, r, u, g, None, &mut [])?;
+            return Ok(Picked::List { start: 0, len: 0 });
         }
         if exact || plan.exact {
-            let (_, finite) = accumulate(m, r, u, g, None, &mut []);
-            if !finite {
-                return Err(Error::Overflow);
-            }
+            accumulate(m, r, u, g, None, &mut [])?;
             let mags = &mut scratch[..n];
             for (d, v) in mags.iter_mut().zip(r.iter()) {
                 *d = mag_bits(*v);
@@ -430,10 +412,7 @@ impl Compressor {
         fill_sample(sample, r, u);
         let mut aim = 1.2 * k as f64;
         let mut t = kth_largest(sample, plan.hits_for(n, aim)).0.max(1);
-        let (mut count, finite) = accumulate(m, r, u, g, Some(t), list);
-        if !finite {
-            return Err(Error::Overflow);
-        }
+        let mut count = accumulate(m, r, u, g, Some(t), list)?;
         // Re-estimate a few times if the sample misled us (r now holds v: read-only passes).
         for _ in 0..4 {
             let low = (count as f64) < 0.8 * k as f64;

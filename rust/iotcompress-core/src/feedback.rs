@@ -16,6 +16,7 @@
 //! `decoded + r_new == r_old + g` holds elementwise (bit-exact with f32 values).
 
 use crate::float::is_finite_bits;
+use crate::Error;
 
 /// Momentum correction applied before selection.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -79,8 +80,8 @@ pub(crate) fn all_finite(g: &[f32]) -> bool {
 }
 
 /// `r <- v` (and `u <- u_new`) over the whole tensor; pushes every index whose |v| bits are
-/// at least `gather_at` into `list` (counting past its capacity). Returns
-/// `(candidates, all_finite)`.
+/// at least `gather_at` into `list` (counting past its capacity). Returns the candidate
+/// count, or [`Error::Overflow`] if an accumulated value is not finite.
 pub(crate) fn accumulate(
     momentum: Momentum,
     r: &mut [f32],
@@ -88,7 +89,7 @@ pub(crate) fn accumulate(
     g: &[f32],
     gather_at: Option<u32>,
     list: &mut [u32],
-) -> (usize, bool) {
+) -> Result<usize, Error> {
     let mut count = 0usize;
     let mut finite = true;
     let mut step = |i: usize, r: &mut f32, u: &mut f32, g: f32| {
@@ -116,5 +117,9 @@ pub(crate) fn accumulate(
             step(i, r, &mut dummy, g);
         }
     }
-    (count, finite)
+    if finite {
+        Ok(count)
+    } else {
+        Err(Error::Overflow)
+    }
 }
