@@ -31,7 +31,7 @@ develop: deps
 	$(VENV)/bin/maturin develop --release -q
 
 rust-test:
-	$(CARGO) test --workspace --exclude iotcompress-python --release
+	$(CARGO) test --workspace --release
 
 clippy: | $(PY)
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
