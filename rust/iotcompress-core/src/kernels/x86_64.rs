@@ -1,0 +1,253 @@
+//! AVX2 kernels. Each safe wrapper checks lengths, picks a monomorphic body and runs the
+//! scalar reference on the tail, so the output equals [`super::scalar`]'s bit for bit:
+//! the arithmetic is the same IEEE operations in the same order (no FMA), and the
+//! comparisons are on the same magnitude bits.
+#![allow(unsafe_code)]
+
+use core::arch::x86_64::*;
+
+use super::{scalar, Accumulated};
+use crate::feedback::Momentum;
+
+const LANES: usize = 8;
+/// Elements per unrolled iteration.
+const BLOCK: usize = 2 * LANES;
+
+/// Momentum rules as const parameters, so each combination compiles to its own loop.
+const NONE: u8 = 0;
+const VANILLA: u8 = 1;
+const NESTEROV: u8 = 2;
+
+#[inline(always)]
+pub fn prefetch(x: &f32) {
+    // SAFETY: a prefetch is only a hint, it never faults; SSE is part of x86_64.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>((x as *const f32).cast()) }
+}
+
+pub fn accumulate(
+    rule: Momentum,
+    r: &mut [f32],
+    u: &mut [f32],
+    g: &[f32],
+    gather_at: Option<u32>,
+    list: &mut [u32],
+    base: u32,
+) -> Accumulated {
+    let mut n = r.len().min(g.len());
+    if rule.has_velocity() {
+        n = n.min(u.len());
+    }
+    let body = n / BLOCK * BLOCK;
+    let m = rule.factor();
+    let at = gather_at.unwrap_or(0);
+    // SAFETY: the caller (`super::accumulate`) checked that the CPU has AVX2; `body <= n`
+    // elements of r, g (and u with momentum) are in bounds.
+    let head = unsafe {
+        match (rule, gather_at.is_some()) {
+            (Momentum::None, true) => acc::<NONE, true>(m, r, u, g, body, at, list, base),
+            (Momentum::None, false) => acc::<NONE, false>(m, r, u, g, body, at, list, base),
+            (Momentum::Vanilla(_), true) => acc::<VANILLA, true>(m, r, u, g, body, at, list, base),
+            (Momentum::Vanilla(_), false) => {
+                acc::<VANILLA, false>(m, r, u, g, body, at, list, base)
+            }
+            (Momentum::Nesterov(_), true) => {
+                acc::<NESTEROV, true>(m, r, u, g, body, at, list, base)
+            }
+            (Momentum::Nesterov(_), false) => {
+                acc::<NESTEROV, false>(m, r, u, g, body, at, list, base)
+            }
+        }
+    };
+    let u_tail = if rule.has_velocity() {
+        &mut u[body..n]
+    } else {
+        &mut []
+    };
+    let tail = scalar::accumulate(
+        rule,
+        &mut r[body..n],
+        u_tail,
+        &g[body..n],
+        gather_at,
+        list.get_mut(head.count..).unwrap_or(&mut []),
+        base.wrapping_add(body as u32),
+    );
+    Accumulated {
+        count: head.count + tail.count,
+        max_mag: head.max_mag.max(tail.max_mag),
+    }
+}
+
+/// Pushes `base + i + j` for every set bit `j` of `mask` (the scalar kernel's order).
+#[inline(always)]
+fn push(mut mask: u32, i: usize, base: u32, list: &mut [u32], count: &mut usize) {
+    while mask != 0 {
+        let j = mask.trailing_zeros() as usize;
+        if let Some(slot) = list.get_mut(*count) {
+            *slot = base.wrapping_add((i + j) as u32);
+        }
+        *count += 1;
+        mask &= mask - 1;
+    }
+}
+
+/// # Safety
+/// AVX2 must be available; `r`, `g` (and `u` when `M != NONE`) must hold `body` elements,
+/// a multiple of `BLOCK`.
+#[target_feature(enable = "avx2")]
+unsafe fn acc<const M: u8, const GATHER: bool>(
+    m: f32,
+    r: &mut [f32],
+    u: &mut [f32],
+    g: &[f32],
+    body: usize,
+    at: u32,
+    list: &mut [u32],
+    base: u32,
+) -> Accumulated {
+    let rp = r.as_mut_ptr();
+    let up = u.as_mut_ptr();
+    let gp = g.as_ptr();
+    let mf = _mm256_set1_ps(m);
+    let abs = _mm256_set1_epi32(0x7fff_ffff);
+    // `mag >= at` as a signed `mag > at - 1`: magnitudes and `at` are below 2^31, and
+    // `at == 0` gives -1, below every magnitude.
+    let below = _mm256_set1_epi32((at as i32).wrapping_sub(1));
+    let mut max = _mm256_setzero_si256();
+    let mut count = 0usize;
+    let mut i = 0;
+    while i < body {
+        let mut masks = 0u32;
+        for lane in 0..2 {
+            let o = i + lane * LANES;
+            // SAFETY: o + LANES <= body, in bounds of every slice used (see # Safety).
+            let (rv, gv) = unsafe { (_mm256_loadu_ps(rp.add(o)), _mm256_loadu_ps(gp.add(o))) };
+            let v = if M == NONE {
+                _mm256_add_ps(rv, gv)
+            } else {
+                // SAFETY: as above; u has `body` elements when M != NONE.
+                let uv = unsafe { _mm256_loadu_ps(up.add(o)) };
+                let (v, un) = if M == VANILLA {
+                    let un = _mm256_add_ps(_mm256_mul_ps(mf, uv), gv);
+                    (_mm256_add_ps(rv, un), un)
+                } else {
+                    let un = _mm256_mul_ps(mf, _mm256_add_ps(uv, gv));
+                    (_mm256_add_ps(_mm256_add_ps(rv, un), gv), un)
+                };
+                // SAFETY: as above.
+                unsafe { _mm256_storeu_ps(up.add(o), un) };
+                max = _mm256_max_epi32(max, _mm256_and_si256(_mm256_castps_si256(un), abs));
+                v
+            };
+            // SAFETY: as above.
+            unsafe { _mm256_storeu_ps(rp.add(o), v) };
+            let mag = _mm256_and_si256(_mm256_castps_si256(v), abs);
+            max = _mm256_max_epi32(max, mag);
+            if GATHER {
+                let hit = _mm256_cmpgt_epi32(mag, below);
+                masks |= (_mm256_movemask_ps(_mm256_castsi256_ps(hit)) as u32) << (lane * LANES);
+            }
+        }
+        if GATHER && masks != 0 {
+            push(masks, i, base, list, &mut count);
+        }
+        i += BLOCK;
+    }
+    Accumulated {
+        count,
+        max_mag: hmax(max),
+    }
+}
+
+/// Horizontal max of eight non-negative i32.
+#[target_feature(enable = "avx2")]
+fn hmax(x: __m256i) -> u32 {
+    let m = _mm_max_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+    let m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0b01_00_11_10));
+    let m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0b10_11_00_01));
+    _mm_cvtsi128_si32(m) as u32
+}
+
+pub fn max_mag(x: &[f32]) -> u32 {
+    let body = x.len() / (4 * LANES) * (4 * LANES);
+    // SAFETY: AVX2 checked by the caller; `body <= x.len()`.
+    let head = unsafe { max_mag_avx2(&x[..body]) };
+    head.max(scalar::max_mag(&x[body..]))
+}
+
+/// # Safety
+/// AVX2 must be available; `x.len()` is a multiple of `4 * LANES`.
+#[target_feature(enable = "avx2")]
+unsafe fn max_mag_avx2(x: &[f32]) -> u32 {
+    let abs = _mm256_set1_epi32(0x7fff_ffff);
+    let mut acc = [_mm256_setzero_si256(); 4];
+    for block in x.chunks_exact(4 * LANES) {
+        for (k, a) in acc.iter_mut().enumerate() {
+            // SAFETY: each block holds 4 * LANES elements.
+            let v = unsafe { _mm256_loadu_si256(block.as_ptr().add(k * LANES).cast()) };
+            *a = _mm256_max_epi32(*a, _mm256_and_si256(v, abs));
+        }
+    }
+    let m = _mm256_max_epi32(
+        _mm256_max_epi32(acc[0], acc[1]),
+        _mm256_max_epi32(acc[2], acc[3]),
+    );
+    hmax(m)
+}
+
+pub fn gather(x: &[f32], at: u32, list: &mut [u32], base: u32) -> usize {
+    let body = x.len() / BLOCK * BLOCK;
+    // SAFETY: AVX2 checked by the caller; `body <= x.len()`.
+    let count = unsafe { gather_avx2(&x[..body], at, list, base) };
+    count
+        + scalar::gather(
+            &x[body..],
+            at,
+            list.get_mut(count..).unwrap_or(&mut []),
+            base.wrapping_add(body as u32),
+        )
+}
+
+/// # Safety
+/// AVX2 must be available; `x.len()` is a multiple of `BLOCK`.
+#[target_feature(enable = "avx2")]
+unsafe fn gather_avx2(x: &[f32], at: u32, list: &mut [u32], base: u32) -> usize {
+    let abs = _mm256_set1_epi32(0x7fff_ffff);
+    let below = _mm256_set1_epi32((at as i32).wrapping_sub(1));
+    let mut count = 0;
+    for (b, block) in x.chunks_exact(BLOCK).enumerate() {
+        let mut masks = 0u32;
+        for lane in 0..2 {
+            // SAFETY: each block holds BLOCK elements.
+            let v = unsafe { _mm256_loadu_si256(block.as_ptr().add(lane * LANES).cast()) };
+            let hit = _mm256_cmpgt_epi32(_mm256_and_si256(v, abs), below);
+            masks |= (_mm256_movemask_ps(_mm256_castsi256_ps(hit)) as u32) << (lane * LANES);
+        }
+        if masks != 0 {
+            push(masks, b * BLOCK, base, list, &mut count);
+        }
+    }
+    count
+}
+
+pub fn magnitudes(x: &[f32], out: &mut [u32]) {
+    let n = x.len().min(out.len());
+    let body = n / LANES * LANES;
+    // SAFETY: AVX2 checked by the caller; both slices hold `body` elements.
+    unsafe { magnitudes_avx2(&x[..body], &mut out[..body]) };
+    scalar::magnitudes(&x[body..n], &mut out[body..n]);
+}
+
+/// # Safety
+/// AVX2 must be available; equal lengths, a multiple of `LANES`.
+#[target_feature(enable = "avx2")]
+unsafe fn magnitudes_avx2(x: &[f32], out: &mut [u32]) {
+    let abs = _mm256_set1_epi32(0x7fff_ffff);
+    for (o, v) in out.chunks_exact_mut(LANES).zip(x.chunks_exact(LANES)) {
+        // SAFETY: both chunks hold LANES elements.
+        unsafe {
+            let v = _mm256_loadu_si256(v.as_ptr().cast());
+            _mm256_storeu_si256(o.as_mut_ptr().cast(), _mm256_and_si256(v, abs));
+        }
+    }
+}
