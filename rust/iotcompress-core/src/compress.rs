@@ -225,6 +225,12 @@ impl Compressor {
         let velocity = &mut velocity[..self.velocity_len()];
         let cfg = self.config;
         let (picked, target) = self.select(passes, residual, velocity, grad, scratch)?;
+        if let Picked::All = picked {
+            if let Some(info) = self.emit_dense(passes, residual, velocity, out)? {
+                self.step += 1;
+                return Ok(info);
+            }
+        }
 
         // Pass 1 over the picked entries: value statistics and the exact index costs.
         let (need_max, need_abs) = cfg.quant.needs();
@@ -312,6 +318,55 @@ impl Compressor {
         }
         self.step += 1;
         Ok(StepInfo { bytes: total, nnz })
+    }
+
+    /// Every entry, byte-aligned codes: one monomorphic pass writes the codes and leaves the
+    /// quantisation error in the residual (the general path below makes two generic passes).
+    /// `None` for the quantisers it does not cover.
+    fn emit_dense(
+        &self,
+        passes: Passes,
+        r: &mut [f32],
+        u: &mut [f32],
+        out: &mut [u8],
+    ) -> Result<Option<StepInfo>, Error> {
+        let quant = self.config.quant;
+        if !matches!(quant, Quant::F32 | Quant::F16 | Quant::Bf16 | Quant::Int8) {
+            return Ok(None);
+        }
+        let n = r.len();
+        let stats = ValueStats {
+            max_abs: if quant.needs().0 {
+                f32::from_bits(passes.max_mag(r))
+            } else {
+                0.0
+            },
+            sum_abs: 0.0,
+        };
+        let scale = quant.scale(&stats, n);
+        let header = Header {
+            numel: n as u32,
+            nnz: n as u32,
+            quant,
+            index: IndexCost::all(),
+            scale,
+            stream: 0,
+        };
+        let header_len = header.write(out)?;
+        let values_len = quant.value_bytes(n as u64).ok_or(Error::BufferTooSmall)? as usize;
+        let total = header_len + values_len + CHECKSUM_LEN;
+        let values = out
+            .get_mut(header_len..header_len + values_len)
+            .ok_or(Error::BufferTooSmall)?;
+        passes.quantize_dense(&Quantizer::new(quant, scale, 0), r, values);
+        // Factor masking: every entry was sent.
+        u.fill(0.0);
+        let crc = crc32c(&out[..total - CHECKSUM_LEN]);
+        out[total - CHECKSUM_LEN..total].copy_from_slice(&crc.to_le_bytes());
+        Ok(Some(StepInfo {
+            bytes: total,
+            nnz: n,
+        }))
     }
 
     /// Accumulates the gradient into the residual and picks the entries to send.

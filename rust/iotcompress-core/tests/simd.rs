@@ -115,6 +115,20 @@ proptest! {
         }
     }
 
+    #[test]
+    fn crc_matches_scalar(
+        len in prop_oneof![0usize..100, 12_000usize..40_000],
+        seed in any::<u64>(),
+        start in any::<u32>(),
+    ) {
+        let mut rng = TestRng(seed | 1);
+        let data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+        let want = iotcompress_core::wire::crc::crc32c_update(start, &data);
+        for level in simd_levels() {
+            prop_assert_eq!(kernels::crc32c_update(level, start, &data), want);
+        }
+    }
+
     /// The whole pipeline, every selection and quantiser, with the SIMD level and the
     /// scalar one: the same messages and the same state.
     #[test]

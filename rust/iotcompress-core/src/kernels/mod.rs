@@ -14,6 +14,7 @@
 #![allow(clippy::too_many_arguments)]
 
 use crate::feedback::Momentum;
+use crate::quant::Quantizer;
 use crate::Error;
 
 #[cfg(feature = "std")]
@@ -158,6 +159,27 @@ pub fn prefetch(x: &[f32], i: usize) {
     let _ = (x, i);
 }
 
+/// The CRC-32C register after `data` (see [`crate::wire::crc::crc32c_update`]); the x86_64
+/// levels use the SSE4.2 `crc32` instruction.
+pub fn crc32c_update(level: Level, crc: u32, data: &[u8]) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx2 && sse42() {
+        return x86_64::crc32c_update(crc, data);
+    }
+    let _ = level;
+    crate::wire::crc::crc32c_update(crc, data)
+}
+
+#[cfg(all(target_arch = "x86_64", feature = "std"))]
+fn sse42() -> bool {
+    std::is_x86_feature_detected!("sse4.2")
+}
+
+#[cfg(not(all(target_arch = "x86_64", feature = "std")))]
+fn sse42() -> bool {
+    cfg!(all(target_arch = "x86_64", target_feature = "sse4.2"))
+}
+
 /// Error feedback (and momentum) over a whole slice, fused with the candidate gather: see
 /// [`scalar::accumulate`]. `u` may be empty without momentum; otherwise all lengths match.
 pub fn accumulate(
@@ -249,16 +271,25 @@ impl Passes {
 
     /// Whether every element of `x` is finite.
     pub fn all_finite(&self, x: &[f32]) -> bool {
-        #[cfg(feature = "std")]
-        let m = parallel::max_mag_par(self.level, self.threads, x);
-        #[cfg(not(feature = "std"))]
-        let m = max_mag(self.level, x);
-        m < 0x7f80_0000
+        self.max_mag(x) < 0x7f80_0000
     }
 
     /// Read-only gather over `x` into `list` (indices from 0).
     pub fn gather(&self, x: &[f32], at: u32, list: &mut [u32]) -> usize {
         gather(self.level, x, at, list, 0)
+    }
+
+    /// The largest magnitude bits of `x`.
+    pub fn max_mag(&self, x: &[f32]) -> u32 {
+        #[cfg(feature = "std")]
+        return parallel::max_mag_par(self.level, self.threads, x);
+        #[cfg(not(feature = "std"))]
+        max_mag(self.level, x)
+    }
+
+    /// Dense codes of `r` into `out`, the quantisation error left in `r`.
+    pub fn quantize_dense(&self, q: &Quantizer, r: &mut [f32], out: &mut [u8]) {
+        scalar::quantize_dense(q, r, out)
     }
 
     /// Magnitude bits of `x` into `out`.

@@ -5,6 +5,7 @@ use super::Accumulated;
 use crate::feedback::accumulate_one;
 use crate::feedback::Momentum;
 use crate::float::mag_bits;
+use crate::quant::{Quant, Quantizer};
 
 /// `v = rule(r, u, g)` stored into `r` (and `u`); indices (plus `base`) of `|v| >= at`
 /// pushed into `list`, counting past its capacity; the largest magnitude of `v` and `u`.
@@ -70,5 +71,23 @@ pub fn gather(x: &[f32], at: u32, list: &mut [u32], base: u32) -> usize {
 pub fn magnitudes(x: &[f32], out: &mut [u32]) {
     for (o, &v) in out.iter_mut().zip(x) {
         *o = mag_bits(v);
+    }
+}
+
+/// Dense emission for the byte-aligned quantisers: `out` gets every element's code
+/// (little-endian) and `r` keeps `v - decoded`. Other quantisers leave both untouched.
+pub(crate) fn quantize_dense(q: &Quantizer, r: &mut [f32], out: &mut [u8]) {
+    fn each<const W: usize>(q: &Quantizer, r: &mut [f32], out: &mut [u8]) {
+        for (v, o) in r.iter_mut().zip(out.chunks_exact_mut(W)) {
+            let code = q.encode(*v, 0);
+            o.copy_from_slice(&code.to_le_bytes()[..W]);
+            *v -= q.decode(code);
+        }
+    }
+    match q.quant {
+        Quant::F32 => each::<4>(q, r, out),
+        Quant::F16 | Quant::Bf16 => each::<2>(q, r, out),
+        Quant::Int8 => each::<1>(q, r, out),
+        _ => {}
     }
 }
