@@ -477,27 +477,32 @@ impl Compressor {
         let (list, rest) = rest.split_at_mut(plan.cap);
         let cand_mags = &mut rest[..plan.cap];
         let stream = rng::stream(self.config.seed, self.step, Purpose::Sampling);
-        // One uniform position per stratum of `width` elements (the last stratum takes the
-        // remainder): increasing positions, fetched a few draws ahead of their use, since
-        // each lands on its own page.
-        let width = n / plan.sample;
-        let last = plan.sample - 1;
-        let position = |j: usize| {
-            let span = if j == last { n - j * width } else { width };
+        // Stratified: one run of `RUN` adjacent elements at a uniformly random place in each
+        // of `strata` equal parts (the last part takes the remainder). Runs and increasing
+        // positions cut the random reads (each lands on its own page) by `RUN`, and the next
+        // runs are fetched while this one is read.
+        const RUN: usize = 4;
+        const AHEAD: usize = 16;
+        let strata = plan.sample.div_ceil(RUN);
+        let width = n / strata; // >= 2 * RUN: a sampled plan has sample <= n / 2
+        let last = strata - 1;
+        let start = |j: usize| {
+            let span = if j == last { n - j * width } else { width } - RUN + 1;
             j * width + rng::below(stream, j as u32, span as u32) as usize
         };
         let fill_sample = |sample: &mut [u32], r: &[f32], u: &[f32]| {
-            const AHEAD: usize = 24;
-            for (j, s) in sample.iter_mut().enumerate() {
+            for (j, run) in sample.chunks_mut(RUN).enumerate() {
                 if j + AHEAD <= last {
-                    let p = position(j + AHEAD);
+                    let p = start(j + AHEAD);
                     prefetch(r, p);
                     prefetch(g, p);
                     prefetch(u, p);
                 }
-                let i = position(j);
-                let (ri, ui, gi) = (r[i], u.get(i).copied().unwrap_or(0.0), g[i]);
-                *s = mag_bits(accumulate_one(m, ri, ui, gi).0);
+                let s = start(j);
+                for (d, i) in run.iter_mut().zip(s..) {
+                    let (ri, ui, gi) = (r[i], u.get(i).copied().unwrap_or(0.0), g[i]);
+                    *d = mag_bits(accumulate_one(m, ri, ui, gi).0);
+                }
             }
         };
         fill_sample(sample, r, u);
