@@ -358,7 +358,7 @@ impl Compressor {
         let values = out
             .get_mut(header_len..header_len + values_len)
             .ok_or(Error::BufferTooSmall)?;
-        passes.quantize_dense(&Quantizer::new(quant, scale, 0), r, values);
+        passes.quantize_dense(quant, scale, r, values);
         // Factor masking: every entry was sent.
         u.fill(0.0);
         let crc = crc32c(&out[..total - CHECKSUM_LEN]);

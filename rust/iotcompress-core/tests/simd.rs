@@ -22,6 +22,12 @@ fn value() -> impl Strategy<Value = f32> {
         1 => (1u32..0x80_0000).prop_map(f32::from_bits),
         1 => prop_oneof![Just(f32::MAX), Just(-f32::MAX), Just(3.0e38f32)],
         1 => prop_oneof![Just(0.5f32), Just(-0.5f32)],
+        // Exact rounding ties of bfloat16 and of (normal) f16.
+        1 => any::<u16>().prop_map(|h| f32::from_bits(((h as u32 & 0xff7f) << 16) | 0x8000)),
+        1 => (0x0400u16..0x7c00, any::<bool>()).prop_map(|(c, neg)| {
+            let tie = f32::from_bits(iotcompress_core::f16_to_f32(c).to_bits() + 0x1000);
+            if neg { -tie } else { tie }
+        }),
         1 => prop_oneof![Just(f32::NAN), Just(f32::INFINITY), Just(f32::NEG_INFINITY)],
     ]
 }
@@ -126,6 +132,54 @@ proptest! {
         let want = iotcompress_core::wire::crc::crc32c_update(start, &data);
         for level in simd_levels() {
             prop_assert_eq!(kernels::crc32c_update(level, start, &data), want);
+        }
+    }
+
+    #[test]
+    fn dense_quantisation_matches_scalar(
+        r in prop::collection::vec(finite_value(), 0..200),
+        quant in prop::sample::select(vec![Quant::F32, Quant::F16, Quant::Bf16, Quant::Int8, Quant::Sign]),
+        scale in prop_oneof![Just(None), Just(Some(1e-3f32)), Just(Some(1e-35f32)), Just(Some(0.0f32)), (1e-6f32..10.0).prop_map(Some)],
+        ties in any::<bool>(),
+    ) {
+        // With a power-of-two scale, half-integer multiples of it are exact rounding ties.
+        let (r, scale) = if ties {
+            let r: Vec<f32> = r.iter().enumerate().map(|(i, v)| {
+                if i % 2 == 0 { ((v * 300.0) as i32 as f32 + 0.5) * 0.25 } else { *v }
+            }).collect();
+            (r, Some(0.25f32))
+        } else {
+            (r, scale)
+        };
+        // The pipeline's int8 scale is max|v|/127; other scales exercise clamping.
+        let max = r.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let scale = scale.unwrap_or((max / 127.0).max(f32::from_bits((max > 0.0) as u32)));
+        let width = match quant { Quant::F32 => 4, Quant::Int8 => 1, Quant::Sign => 1, _ => 2 };
+        let mut want_r = r.clone();
+        let mut want = vec![0xa5u8; r.len() * width];
+        kernels::scalar::quantize_dense(quant, scale, &mut want_r, &mut want);
+        for level in simd_levels() {
+            let mut got_r = r.clone();
+            let mut got = vec![0xa5u8; r.len() * width];
+            kernels::quantize_dense(level, quant, scale, &mut got_r, &mut got);
+            prop_assert_eq!(&got, &want, "{:?} {:?}", level, quant);
+            prop_assert_eq!(bits(&got_r), bits(&want_r));
+        }
+    }
+
+    #[test]
+    fn dense_f16_decode_matches_scalar(
+        codes in prop::collection::vec(prop_oneof![8 => 0u16..0x7c00, 8 => 0x8000u16..0xfc00, 1 => any::<u16>()], 0..200),
+        out in prop::collection::vec(-1.0f32..1.0, 200),
+        scale in -4.0f32..4.0,
+    ) {
+        let bytes: Vec<u8> = codes.iter().flat_map(|c| c.to_le_bytes()).collect();
+        let mut want = out[..codes.len()].to_vec();
+        let ok = kernels::scalar::decode_add_f16(&bytes, &mut want, scale);
+        for level in simd_levels() {
+            let mut got = out[..codes.len()].to_vec();
+            prop_assert_eq!(kernels::decode_add_f16(level, &bytes, &mut got, scale), ok);
+            prop_assert_eq!(bits(&got), bits(&want));
         }
     }
 

@@ -14,7 +14,7 @@
 #![allow(clippy::too_many_arguments)]
 
 use crate::feedback::Momentum;
-use crate::quant::Quantizer;
+use crate::quant::Quant;
 use crate::Error;
 
 #[cfg(feature = "std")]
@@ -220,6 +220,36 @@ pub fn gather(level: Level, x: &[f32], at: u32, list: &mut [u32], base: u32) -> 
     scalar::gather(x, at, list, base)
 }
 
+/// Dense codes and residuals: see [`scalar::quantize_dense`] (finite values only).
+pub fn quantize_dense(level: Level, quant: Quant, scale: f32, r: &mut [f32], out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx2 && avx2() && x86_64::quantize_dense(quant, scale, r, out) {
+        return;
+    }
+    let _ = level;
+    scalar::quantize_dense(quant, scale, r, out)
+}
+
+/// Dense f16 decode-add: see [`scalar::decode_add_f16`].
+pub fn decode_add_f16(level: Level, codes: &[u8], out: &mut [f32], scale: f32) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx2 && avx2() && f16c() {
+        return x86_64::decode_add_f16(codes, out, scale);
+    }
+    let _ = level;
+    scalar::decode_add_f16(codes, out, scale)
+}
+
+#[cfg(all(target_arch = "x86_64", feature = "std"))]
+fn f16c() -> bool {
+    std::is_x86_feature_detected!("f16c")
+}
+
+#[cfg(not(all(target_arch = "x86_64", feature = "std")))]
+fn f16c() -> bool {
+    cfg!(all(target_arch = "x86_64", target_feature = "f16c"))
+}
+
 /// Magnitude bits: see [`scalar::magnitudes`].
 pub fn magnitudes(level: Level, x: &[f32], out: &mut [u32]) {
     #[cfg(target_arch = "x86_64")]
@@ -288,8 +318,8 @@ impl Passes {
     }
 
     /// Dense codes of `r` into `out`, the quantisation error left in `r`.
-    pub fn quantize_dense(&self, q: &Quantizer, r: &mut [f32], out: &mut [u8]) {
-        scalar::quantize_dense(q, r, out)
+    pub fn quantize_dense(&self, quant: Quant, scale: f32, r: &mut [f32], out: &mut [u8]) {
+        quantize_dense(self.level, quant, scale, r, out)
     }
 
     /// Magnitude bits of `x` into `out`.

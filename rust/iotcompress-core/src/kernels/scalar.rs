@@ -5,6 +5,7 @@ use super::Accumulated;
 use crate::feedback::accumulate_one;
 use crate::feedback::Momentum;
 use crate::float::mag_bits;
+use crate::float::{f16_to_f32, is_finite_bits};
 use crate::quant::{Quant, Quantizer};
 
 /// `v = rule(r, u, g)` stored into `r` (and `u`); indices (plus `base`) of `|v| >= at`
@@ -74,9 +75,11 @@ pub fn magnitudes(x: &[f32], out: &mut [u32]) {
     }
 }
 
-/// Dense emission for the byte-aligned quantisers: `out` gets every element's code
-/// (little-endian) and `r` keeps `v - decoded`. Other quantisers leave both untouched.
-pub(crate) fn quantize_dense(q: &Quantizer, r: &mut [f32], out: &mut [u8]) {
+/// Dense emission for the byte-aligned quantisers (`f32 f16 bf16 int8`) of finite values:
+/// `out` gets every element's code (little-endian) and `r` keeps `v - decoded`. Other
+/// quantisers leave both untouched.
+pub fn quantize_dense(quant: Quant, scale: f32, r: &mut [f32], out: &mut [u8]) {
+    let q = &Quantizer::new(quant, scale, 0);
     fn each<const W: usize>(q: &Quantizer, r: &mut [f32], out: &mut [u8]) {
         for (v, o) in r.iter_mut().zip(out.chunks_exact_mut(W)) {
             let code = q.encode(*v, 0);
@@ -90,4 +93,20 @@ pub(crate) fn quantize_dense(q: &Quantizer, r: &mut [f32], out: &mut [u8]) {
         Quant::Int8 => each::<1>(q, r, out),
         _ => {}
     }
+}
+
+/// `out[i] += scale * f16(codes[i])` for little-endian f16 codes, all or nothing: false
+/// (and `out` unchanged) if a code is infinite or NaN.
+pub fn decode_add_f16(codes: &[u8], out: &mut [f32], scale: f32) -> bool {
+    let code = |c: &[u8]| u16::from_le_bytes([c[0], c[1]]);
+    // OR-reduction without early exit, so it vectorises.
+    let finite = codes.chunks_exact(2).fold(true, |ok, c| {
+        ok & is_finite_bits(f16_to_f32(code(c)).to_bits())
+    });
+    if finite {
+        for (o, c) in out.iter_mut().zip(codes.chunks_exact(2)) {
+            *o += scale * f16_to_f32(code(c));
+        }
+    }
+    finite
 }

@@ -8,6 +8,7 @@ use core::arch::x86_64::*;
 
 use super::{scalar, Accumulated};
 use crate::feedback::Momentum;
+use crate::quant::{Quant, Quantizer};
 
 const LANES: usize = 8;
 /// Elements per unrolled iteration.
@@ -301,4 +302,199 @@ fn le64(b: &[u8]) -> u64 {
     let mut w = [0u8; 8];
     w.copy_from_slice(b);
     u64::from_le_bytes(w)
+}
+
+/// Dense codes for `f16` (with F16C), `bf16` and `int8`; false for the other quantisers (the
+/// caller falls back to the scalar kernel). Values must be finite, as after accumulation.
+pub fn quantize_dense(quant: Quant, scale: f32, r: &mut [f32], out: &mut [u8]) -> bool {
+    const GROUP: usize = 4 * LANES;
+    let width = match quant {
+        Quant::F16 if f16c() => 2,
+        Quant::Bf16 => 2,
+        Quant::Int8 => 1,
+        _ => return false,
+    };
+    let n = r.len().min(out.len() / width);
+    let body = n / GROUP * GROUP;
+    let q = Quantizer::new(quant, scale, 0);
+    let (rb, rt) = r[..n].split_at_mut(body);
+    let (ob, ot) = out[..n * width].split_at_mut(body * width);
+    // SAFETY: AVX2 (and F16C for f16) checked by the caller / above; `rb` holds `body`
+    // elements, a multiple of GROUP, and `ob` `body * width` bytes.
+    unsafe {
+        match quant {
+            Quant::F16 => f16_codes(rb, ob),
+            Quant::Bf16 => bf16_codes(rb, ob),
+            _ => int8_codes(rb, ob, q.pre, q.inv, q.unit),
+        }
+    }
+    scalar::quantize_dense(quant, scale, rt, ot);
+    true
+}
+
+#[cfg(feature = "std")]
+fn f16c() -> bool {
+    std::is_x86_feature_detected!("f16c")
+}
+
+#[cfg(not(feature = "std"))]
+fn f16c() -> bool {
+    cfg!(target_feature = "f16c")
+}
+
+/// # Safety
+/// AVX2 and F16C; `out.len() == 2 * r.len()`, a multiple of 8 elements.
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn f16_codes(r: &mut [f32], out: &mut [u8]) {
+    // The scalar conversion saturates finite values at ±65504; the instruction would give
+    // infinity from 65520 up, so clamp first (values below round the same either way).
+    let hi = _mm256_set1_ps(65504.0);
+    let lo = _mm256_set1_ps(-65504.0);
+    for (v, o) in r
+        .chunks_exact_mut(LANES)
+        .zip(out.chunks_exact_mut(2 * LANES))
+    {
+        // SAFETY: each chunk holds LANES floats and 2 * LANES bytes.
+        unsafe {
+            let x = _mm256_loadu_ps(v.as_ptr());
+            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_min_ps(
+                _mm256_max_ps(x, lo),
+                hi,
+            ));
+            _mm_storeu_si128(o.as_mut_ptr().cast(), h);
+            _mm256_storeu_ps(v.as_mut_ptr(), _mm256_sub_ps(x, _mm256_cvtph_ps(h)));
+        }
+    }
+}
+
+/// # Safety
+/// AVX2; `out.len() == 2 * r.len()`, a multiple of 16 elements.
+#[target_feature(enable = "avx2")]
+unsafe fn bf16_codes(r: &mut [f32], out: &mut [u8]) {
+    let one = _mm256_set1_epi32(1);
+    let half = _mm256_set1_epi32(0x7fff);
+    let exp = _mm256_set1_epi32(0x7fff);
+    let inf = _mm256_set1_epi32(0x7f80);
+    let sat = _mm256_set1_epi32(0x7f7f);
+    let sign = _mm256_set1_epi32(0x8000);
+    let code = |b: __m256i| {
+        // Round to nearest even at bit 16; a finite value that rounds to infinity saturates
+        // to the largest finite bfloat16, as in the scalar kernel.
+        let round = _mm256_add_epi32(half, _mm256_and_si256(_mm256_srli_epi32(b, 16), one));
+        let c = _mm256_srli_epi32(_mm256_add_epi32(b, round), 16);
+        let over = _mm256_cmpeq_epi32(_mm256_and_si256(c, exp), inf);
+        let saturated = _mm256_or_si256(_mm256_and_si256(c, sign), sat);
+        _mm256_blendv_epi8(c, saturated, over)
+    };
+    for (v, o) in r
+        .chunks_exact_mut(2 * LANES)
+        .zip(out.chunks_exact_mut(4 * LANES))
+    {
+        // SAFETY: each chunk holds 2 * LANES floats and 4 * LANES bytes.
+        unsafe {
+            let xa = _mm256_loadu_ps(v.as_ptr());
+            let xb = _mm256_loadu_ps(v.as_ptr().add(LANES));
+            let (ca, cb) = (code(_mm256_castps_si256(xa)), code(_mm256_castps_si256(xb)));
+            let packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(ca, cb), 0b11_01_10_00);
+            _mm256_storeu_si256(o.as_mut_ptr().cast(), packed);
+            let da = _mm256_castsi256_ps(_mm256_slli_epi32(ca, 16));
+            let db = _mm256_castsi256_ps(_mm256_slli_epi32(cb, 16));
+            _mm256_storeu_ps(v.as_mut_ptr(), _mm256_sub_ps(xa, da));
+            _mm256_storeu_ps(v.as_mut_ptr().add(LANES), _mm256_sub_ps(xb, db));
+        }
+    }
+}
+
+/// # Safety
+/// AVX2; `out.len() == r.len()`, a multiple of 32 elements.
+#[target_feature(enable = "avx2")]
+unsafe fn int8_codes(r: &mut [f32], out: &mut [u8], pre: f32, inv: f32, unit: f32) {
+    let (pre, inv, unit) = (
+        _mm256_set1_ps(pre),
+        _mm256_set1_ps(inv),
+        _mm256_set1_ps(unit),
+    );
+    // Clamping x to ±128 first keeps the truncation in range and changes no final code.
+    let (lo, hi) = (_mm256_set1_ps(-128.0), _mm256_set1_ps(128.0));
+    let (half, neg_half) = (_mm256_set1_ps(0.5), _mm256_set1_ps(-0.5));
+    let (cmin, cmax) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127));
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (v, o) in r
+        .chunks_exact_mut(4 * LANES)
+        .zip(out.chunks_exact_mut(4 * LANES))
+    {
+        let mut codes = [_mm256_setzero_si256(); 4];
+        for (k, c) in codes.iter_mut().enumerate() {
+            // SAFETY: each chunk holds 4 * LANES floats.
+            let x = unsafe { _mm256_loadu_ps(v.as_ptr().add(k * LANES)) };
+            // round half away from zero of (v·pre)·inv, as `round_half_away` does it.
+            let y = _mm256_min_ps(
+                _mm256_max_ps(_mm256_mul_ps(_mm256_mul_ps(x, pre), inv), lo),
+                hi,
+            );
+            let t = _mm256_cvttps_epi32(y);
+            let frac = _mm256_sub_ps(y, _mm256_cvtepi32_ps(t));
+            let up = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(frac, half));
+            let down = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LE_OQ>(frac, neg_half));
+            // The masks are -1 where true: subtracting `up` adds one, adding `down` takes one.
+            let t = _mm256_add_epi32(_mm256_sub_epi32(t, up), down);
+            let t = _mm256_min_epi32(_mm256_max_epi32(t, cmin), cmax);
+            let decoded = _mm256_mul_ps(_mm256_cvtepi32_ps(t), unit);
+            // SAFETY: as above.
+            unsafe { _mm256_storeu_ps(v.as_mut_ptr().add(k * LANES), _mm256_sub_ps(x, decoded)) };
+            *c = t;
+        }
+        let ab = _mm256_packs_epi32(codes[0], codes[1]);
+        let cd = _mm256_packs_epi32(codes[2], codes[3]);
+        let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd), order);
+        // SAFETY: the chunk holds 4 * LANES bytes.
+        unsafe { _mm256_storeu_si256(o.as_mut_ptr().cast(), bytes) };
+    }
+}
+
+/// Dense f16 decode-add: see [`scalar::decode_add_f16`].
+pub fn decode_add_f16(codes: &[u8], out: &mut [f32], scale: f32) -> bool {
+    let n = out.len().min(codes.len() / 2);
+    let body = n / LANES * LANES;
+    let (cb, ct) = codes[..2 * n].split_at(2 * body);
+    // SAFETY: AVX2 and F16C checked by the caller; `cb` holds 2 * body bytes.
+    if !unsafe { f16_all_finite(cb) } || !scalar::decode_add_f16(ct, &mut [], 0.0) {
+        return false;
+    }
+    let (ob, ot) = out[..n].split_at_mut(body);
+    // SAFETY: as above; `ob` holds `body` floats.
+    unsafe { f16_add(cb, ob, scale) };
+    scalar::decode_add_f16(ct, ot, scale)
+}
+
+/// # Safety
+/// AVX2; `codes.len()` a multiple of 16 bytes.
+#[target_feature(enable = "avx2")]
+unsafe fn f16_all_finite(codes: &[u8]) -> bool {
+    let exp = _mm_set1_epi16(0x7c00);
+    let mut bad = _mm_setzero_si128();
+    for c in codes.chunks_exact(2 * LANES) {
+        // SAFETY: 16 bytes per chunk.
+        let h = unsafe { _mm_loadu_si128(c.as_ptr().cast()) };
+        bad = _mm_or_si128(bad, _mm_cmpeq_epi16(_mm_and_si128(h, exp), exp));
+    }
+    _mm_testz_si128(bad, bad) == 1
+}
+
+/// # Safety
+/// AVX2 and F16C; `codes.len() == 2 * out.len()`, a multiple of 8 elements.
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn f16_add(codes: &[u8], out: &mut [f32], scale: f32) {
+    let s = _mm256_set1_ps(scale);
+    for (c, o) in codes
+        .chunks_exact(2 * LANES)
+        .zip(out.chunks_exact_mut(LANES))
+    {
+        // SAFETY: 16 bytes and 8 floats per chunk.
+        unsafe {
+            let v = _mm256_cvtph_ps(_mm_loadu_si128(c.as_ptr().cast()));
+            let acc = _mm256_add_ps(_mm256_loadu_ps(o.as_ptr()), _mm256_mul_ps(s, v));
+            _mm256_storeu_ps(o.as_mut_ptr(), acc);
+        }
+    }
 }

@@ -282,7 +282,20 @@ fn decode_add_dense(m: &Message<'_>, out: &mut [f32], scale: f32) -> Option<Resu
     let q = h.quant;
     Some(match q {
         Quant::F32 => run::<4>(m.values, out, scale, |c| decode_code(Quant::F32, unit, c)),
-        Quant::F16 => run::<2>(m.values, out, scale, |c| decode_code(Quant::F16, unit, c)),
+        Quant::F16 => {
+            if m.values.len() != 2 * out.len() {
+                Err(Error::BadEntryCount)
+            } else if crate::kernels::decode_add_f16(
+                crate::kernels::Level::active(),
+                m.values,
+                out,
+                scale,
+            ) {
+                Ok(())
+            } else {
+                Err(Error::BadValue)
+            }
+        }
         Quant::Bf16 => run::<2>(m.values, out, scale, |c| decode_code(Quant::Bf16, unit, c)),
         Quant::Int8 => run::<1>(m.values, out, scale, |c| decode_code(Quant::Int8, unit, c)),
         _ => return None,
