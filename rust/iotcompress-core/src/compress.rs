@@ -5,7 +5,7 @@
 //! runs without a heap. [`crate::OwnedCompressor`] (feature `alloc`) owns them instead.
 
 use crate::feedback::{accumulate_one, Momentum};
-use crate::float::{abs, mag_bits};
+use crate::float::{abs, ceil_usize, mag_bits};
 use crate::kernels::{prefetch, Passes};
 use crate::quant::{Quant, Quantizer, ValueStats};
 use crate::rng::{self, Purpose};
@@ -450,29 +450,16 @@ impl Compressor {
             passes.accumulate(m, r, u, g, None, &mut [])?;
             return Ok(Picked::List { start: 0, len: 0 });
         }
-        if exact || plan.exact {
+        if plan.exact {
             passes.accumulate(m, r, u, g, None, &mut [])?;
-            let mags = &mut scratch[..n];
-            passes.magnitudes(r, mags);
-            let (t, greater) = kth_largest(mags, k);
-            // Zeros are never worth sending: with fewer than k non-zeros, send those.
-            return Ok(if t == 0 {
-                Picked::Scan {
-                    above: 0,
-                    ties: 0,
-                    limit: usize::MAX,
-                }
-            } else {
-                Picked::Scan {
-                    above: t,
-                    ties: k - greater,
-                    limit: usize::MAX,
-                }
-            });
+            return Ok(exact_top_k(passes, r, &mut scratch[..n], k));
         }
 
         // DGC sampled threshold: sample v on the fly (before the state changes), so the
-        // candidates can be gathered during the accumulation pass itself.
+        // candidates can be gathered during the accumulation pass itself. The exact top-k
+        // takes the same path with a lower threshold (aiming at 1.5k candidates): when at
+        // least k arrive, they hold the k largest, and the exact selection among them is
+        // the exact selection among all.
         let (sample, rest) = scratch.split_at_mut(plan.sample);
         let (list, rest) = rest.split_at_mut(plan.cap);
         let cand_mags = &mut rest[..plan.cap];
@@ -506,12 +493,16 @@ impl Compressor {
             }
         };
         fill_sample(sample, r, u);
-        let mut aim = 1.2 * k as f64;
+        let (mut aim, enough) = if exact {
+            (1.5 * k as f64, k)
+        } else {
+            (1.2 * k as f64, ceil_usize(0.8 * k as f64))
+        };
         let mut t = kth_largest(sample, plan.hits_for(n, aim)).0.max(1);
         let mut count = passes.accumulate(m, r, u, g, Some(t), list)?;
         // Re-estimate a few times if the sample misled us (r now holds v: read-only passes).
         for _ in 0..4 {
-            let low = (count as f64) < 0.8 * k as f64;
+            let low = count < enough;
             if count > plan.cap {
                 aim *= 0.6;
             } else if low && t > 1 {
@@ -525,6 +516,10 @@ impl Compressor {
                 t = 1; // the whole sample is below the target: take every non-zero
             }
             count = passes.gather(r, t, list);
+        }
+        if exact && !(k..=plan.cap).contains(&count) {
+            // The estimates missed: select among all magnitudes (r already holds v).
+            return Ok(exact_top_k(passes, r, &mut scratch[..n], k));
         }
         if count > plan.cap {
             // Still overflowing (e.g. many equal magnitudes): the first k at or above t.
@@ -559,6 +554,27 @@ impl Compressor {
             start: plan.sample,
             len: count,
         })
+    }
+}
+
+/// The exact top-k of `v` (in `r`) by a selection over all magnitudes: the `k` largest,
+/// ties broken by lower index; with fewer than `k` non-zeros, those.
+fn exact_top_k(passes: Passes, r: &[f32], mags: &mut [u32], k: usize) -> Picked {
+    passes.magnitudes(r, mags);
+    let (t, greater) = kth_largest(mags, k);
+    if t == 0 {
+        // Zeros are never worth sending.
+        Picked::Scan {
+            above: 0,
+            ties: 0,
+            limit: usize::MAX,
+        }
+    } else {
+        Picked::Scan {
+            above: t,
+            ties: k - greater,
+            limit: usize::MAX,
+        }
     }
 }
 
