@@ -9,8 +9,10 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 def test_dgc_at_0_1_percent_matches_dense_accuracy_with_300x_fewer_bytes(tmp_path):
-    dense = train("dense", world=4, epochs=40, warmup_steps=40, tmp=str(tmp_path))
-    dgc = train("iotcompress", world=4, epochs=40, warmup_steps=40, tmp=str(tmp_path))
+    # Both trained to convergence (DGC at 0.1 % starts slower: about 40 of 60 epochs); the
+    # accuracy of each is the mean over its last 5 epochs.
+    dense = train("dense", world=4, epochs=60, warmup_steps=40, tmp=str(tmp_path))
+    dgc = train("iotcompress", world=4, epochs=60, warmup_steps=40, tmp=str(tmp_path))
     assert dense["accuracy"] > 0.95, "the dense baseline must learn the task"
     assert dgc["accuracy"] >= dense["accuracy"] - 0.010, (dgc["accuracy"], dense["accuracy"])
     ratio = dgc["dense_bytes_per_step"] / dgc["bytes_per_step"]
