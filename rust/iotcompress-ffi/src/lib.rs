@@ -31,69 +31,98 @@ use iotcompress_core::{
 
 // --- status codes ------------------------------------------------------------------------
 
-/// The result of every function: `IOTCOMPRESS_OK` (0) or an error.
+/// The result of every function: `IOTCOMPRESS_OK` (0) or an error code.
 ///
 /// Codes 1 to 14 are *decode* errors (the message bytes are malformed), 15 to 20 are caller
 /// errors reported by the core, 100 and up are errors of the C layer (bad pointers, state).
-/// The values are stable: new codes are only ever added.
+/// The values are stable: new codes are only ever added. `iotcompress_error_name` and
+/// `iotcompress_error_message` describe them.
+pub type IotcompressStatus = i32;
+
+/// Success.
+pub const IOTCOMPRESS_OK: IotcompressStatus = 0;
+/// The message ends before its header says it should.
+pub const IOTCOMPRESS_ERR_TRUNCATED: IotcompressStatus = 1;
+/// The message has bytes after its checksum or after its index block.
+pub const IOTCOMPRESS_ERR_TRAILING_BYTES: IotcompressStatus = 2;
+/// The first two bytes are not the magic "IC": not an iotcompress message.
+pub const IOTCOMPRESS_ERR_BAD_MAGIC: IotcompressStatus = 3;
+/// The version byte names a wire format this decoder does not know.
+pub const IOTCOMPRESS_ERR_UNSUPPORTED_VERSION: IotcompressStatus = 4;
+/// The codec byte names an unknown quantiser or index coding, or sets reserved bits.
+pub const IOTCOMPRESS_ERR_UNKNOWN_CODEC: IotcompressStatus = 5;
+/// A varint in the header is malformed.
+pub const IOTCOMPRESS_ERR_BAD_VARINT: IotcompressStatus = 6;
+/// The entry count is inconsistent with the element count or the index block.
+pub const IOTCOMPRESS_ERR_BAD_ENTRY_COUNT: IotcompressStatus = 7;
+/// An index points past the end of the tensor.
+pub const IOTCOMPRESS_ERR_INDEX_OUT_OF_RANGE: IotcompressStatus = 8;
+/// Padding bits or reserved fields are not zero.
+pub const IOTCOMPRESS_ERR_NON_ZERO_PADDING: IotcompressStatus = 9;
+/// A scale is negative or not finite, or the QSGD level count is zero.
+pub const IOTCOMPRESS_ERR_BAD_SCALE: IotcompressStatus = 10;
+/// A value is not finite or a packed code is outside its alphabet.
+pub const IOTCOMPRESS_ERR_BAD_VALUE: IotcompressStatus = 11;
+/// The CRC-32C does not match: the bytes were corrupted.
+pub const IOTCOMPRESS_ERR_CHECKSUM_MISMATCH: IotcompressStatus = 12;
+/// The message is for a tensor of another size than the output buffer.
+pub const IOTCOMPRESS_ERR_NUMEL_MISMATCH: IotcompressStatus = 13;
+/// The message announces more elements than the caller allows.
+pub const IOTCOMPRESS_ERR_TOO_LARGE: IotcompressStatus = 14;
+/// An output buffer is smaller than needed (see `iotcompress_sizes`).
+pub const IOTCOMPRESS_ERR_BUFFER_TOO_SMALL: IotcompressStatus = 15;
+/// The scratch buffer is smaller than `scratch_len` of `iotcompress_sizes`.
+pub const IOTCOMPRESS_ERR_SCRATCH_TOO_SMALL: IotcompressStatus = 16;
+/// A gradient or state buffer does not have the length the compressor needs.
+pub const IOTCOMPRESS_ERR_LENGTH_MISMATCH: IotcompressStatus = 17;
+/// The gradient contains NaN or infinity; the state was left unchanged.
+pub const IOTCOMPRESS_ERR_NON_FINITE_GRADIENT: IotcompressStatus = 18;
+/// Accumulating the gradient overflowed float32; the residual now holds infinities.
+pub const IOTCOMPRESS_ERR_OVERFLOW: IotcompressStatus = 19;
+/// An option is out of range or an enum value is unknown.
+pub const IOTCOMPRESS_ERR_INVALID_CONFIG: IotcompressStatus = 20;
+/// A required pointer is NULL (or NULL with a non-zero length).
+pub const IOTCOMPRESS_ERR_NULL_POINTER: IotcompressStatus = 100;
+/// A pointer is not aligned for its element type.
+pub const IOTCOMPRESS_ERR_MISALIGNED: IotcompressStatus = 101;
+/// Two buffers overlap where one of them is written.
+pub const IOTCOMPRESS_ERR_OVERLAP: IotcompressStatus = 102;
+/// The compressor state was not set up by `iotcompress_init` (or was overwritten).
+pub const IOTCOMPRESS_ERR_BAD_STATE: IotcompressStatus = 103;
+/// An error this version of the C layer has no code for (a newer core); report it.
+pub const IOTCOMPRESS_ERR_UNKNOWN: IotcompressStatus = 127;
+
+/// The status codes inside this crate (the `IOTCOMPRESS_*` constants are their values).
 #[repr(i32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum IotcompressStatus {
-    /// Success.
-    Ok = 0,
-    /// The message ends before its header says it should.
-    ErrTruncated = 1,
-    /// The message has bytes after its checksum or after its index block.
-    ErrTrailingBytes = 2,
-    /// The first two bytes are not the magic "IC": not an iotcompress message.
-    ErrBadMagic = 3,
-    /// The version byte names a wire format this decoder does not know.
-    ErrUnsupportedVersion = 4,
-    /// The codec byte names an unknown quantiser or index coding, or sets reserved bits.
-    ErrUnknownCodec = 5,
-    /// A varint in the header is malformed.
-    ErrBadVarint = 6,
-    /// The entry count is inconsistent with the element count or the index block.
-    ErrBadEntryCount = 7,
-    /// An index points past the end of the tensor.
-    ErrIndexOutOfRange = 8,
-    /// Padding bits or reserved fields are not zero.
-    ErrNonZeroPadding = 9,
-    /// A scale is negative or not finite, or the QSGD level count is zero.
-    ErrBadScale = 10,
-    /// A value is not finite or a packed code is outside its alphabet.
-    ErrBadValue = 11,
-    /// The CRC-32C does not match: the bytes were corrupted.
-    ErrChecksumMismatch = 12,
-    /// The message is for a tensor of another size than the output buffer.
-    ErrNumelMismatch = 13,
-    /// The message announces more elements than the caller allows.
-    ErrTooLarge = 14,
-    /// An output buffer is smaller than needed (see `iotcompress_sizes`).
-    ErrBufferTooSmall = 15,
-    /// The scratch buffer is smaller than `scratch_len` of `iotcompress_sizes`.
-    ErrScratchTooSmall = 16,
-    /// A gradient or state buffer does not have the length the compressor needs.
-    ErrLengthMismatch = 17,
-    /// The gradient contains NaN or infinity; the state was left unchanged.
-    ErrNonFiniteGradient = 18,
-    /// Accumulating the gradient overflowed float32; the residual now holds infinities.
-    ErrOverflow = 19,
-    /// An option is out of range or an enum value is unknown.
-    ErrInvalidConfig = 20,
-    /// A required pointer is NULL (or NULL with a non-zero length).
-    ErrNullPointer = 100,
-    /// A pointer is not aligned for its element type.
-    ErrMisaligned = 101,
-    /// Two buffers overlap where one of them is written.
-    ErrOverlap = 102,
-    /// The compressor state was not set up by `iotcompress_init` (or was overwritten).
-    ErrBadState = 103,
-    /// An error this version of the C layer has no code for (a newer core); report it.
-    ErrUnknown = 127,
+enum Status {
+    Ok = IOTCOMPRESS_OK,
+    ErrTruncated = IOTCOMPRESS_ERR_TRUNCATED,
+    ErrTrailingBytes = IOTCOMPRESS_ERR_TRAILING_BYTES,
+    ErrBadMagic = IOTCOMPRESS_ERR_BAD_MAGIC,
+    ErrUnsupportedVersion = IOTCOMPRESS_ERR_UNSUPPORTED_VERSION,
+    ErrUnknownCodec = IOTCOMPRESS_ERR_UNKNOWN_CODEC,
+    ErrBadVarint = IOTCOMPRESS_ERR_BAD_VARINT,
+    ErrBadEntryCount = IOTCOMPRESS_ERR_BAD_ENTRY_COUNT,
+    ErrIndexOutOfRange = IOTCOMPRESS_ERR_INDEX_OUT_OF_RANGE,
+    ErrNonZeroPadding = IOTCOMPRESS_ERR_NON_ZERO_PADDING,
+    ErrBadScale = IOTCOMPRESS_ERR_BAD_SCALE,
+    ErrBadValue = IOTCOMPRESS_ERR_BAD_VALUE,
+    ErrChecksumMismatch = IOTCOMPRESS_ERR_CHECKSUM_MISMATCH,
+    ErrNumelMismatch = IOTCOMPRESS_ERR_NUMEL_MISMATCH,
+    ErrTooLarge = IOTCOMPRESS_ERR_TOO_LARGE,
+    ErrBufferTooSmall = IOTCOMPRESS_ERR_BUFFER_TOO_SMALL,
+    ErrScratchTooSmall = IOTCOMPRESS_ERR_SCRATCH_TOO_SMALL,
+    ErrLengthMismatch = IOTCOMPRESS_ERR_LENGTH_MISMATCH,
+    ErrNonFiniteGradient = IOTCOMPRESS_ERR_NON_FINITE_GRADIENT,
+    ErrOverflow = IOTCOMPRESS_ERR_OVERFLOW,
+    ErrInvalidConfig = IOTCOMPRESS_ERR_INVALID_CONFIG,
+    ErrNullPointer = IOTCOMPRESS_ERR_NULL_POINTER,
+    ErrMisaligned = IOTCOMPRESS_ERR_MISALIGNED,
+    ErrOverlap = IOTCOMPRESS_ERR_OVERLAP,
+    ErrBadState = IOTCOMPRESS_ERR_BAD_STATE,
+    ErrUnknown = IOTCOMPRESS_ERR_UNKNOWN,
 }
-
-type Status = IotcompressStatus;
 
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
@@ -259,7 +288,7 @@ fn status_text(code: i32) -> (&'static CStr, &'static CStr) {
 
 // --- enum values of the configuration ------------------------------------------------------
 
-/// Selection rule of [`IotcompressConfig::selection`].
+/// Selection rule of `IotcompressConfig.selection`.
 pub type IotcompressSelection = u32;
 /// Send every element.
 pub const IOTCOMPRESS_SELECT_DENSE: IotcompressSelection = 0;
@@ -272,7 +301,7 @@ pub const IOTCOMPRESS_SELECT_ADAPTIVE_DENSITY: IotcompressSelection = 3;
 /// Threshold adapted step to step towards a message size (field `target_bytes`).
 pub const IOTCOMPRESS_SELECT_ADAPTIVE_BYTES: IotcompressSelection = 4;
 
-/// Value quantiser of [`IotcompressConfig::quant`] and [`IotcompressHeader::quant`]; the
+/// Value quantiser of `IotcompressConfig.quant` and `IotcompressHeader.quant`; the
 /// values are the wire ids (`docs/wire-format.md`).
 pub type IotcompressQuant = u32;
 /// float32 values.
@@ -292,7 +321,7 @@ pub const IOTCOMPRESS_QUANT_TERNARY: IotcompressQuant = 6;
 /// Stochastic QSGD with `qsgd_levels` levels (1..=255).
 pub const IOTCOMPRESS_QUANT_QSGD: IotcompressQuant = 7;
 
-/// Momentum correction of [`IotcompressConfig::momentum_kind`].
+/// Momentum correction of `IotcompressConfig.momentum_kind`.
 pub type IotcompressMomentum = u32;
 /// Plain error feedback.
 pub const IOTCOMPRESS_MOMENTUM_NONE: IotcompressMomentum = 0;
@@ -301,13 +330,13 @@ pub const IOTCOMPRESS_MOMENTUM_VANILLA: IotcompressMomentum = 1;
 /// DGC Nesterov momentum correction with factor `momentum`.
 pub const IOTCOMPRESS_MOMENTUM_NESTEROV: IotcompressMomentum = 2;
 
-/// Element type of the residual and velocity buffers ([`IotcompressConfig::state_format`]).
+/// Element type of the residual and velocity buffers (`IotcompressConfig.state_format`).
 pub type IotcompressStateFormat = u32;
 /// float32 residual and velocity: the only format of this version. Compact formats
 /// (f16/bf16, int8 with a scale) are reserved for a later version.
 pub const IOTCOMPRESS_STATE_F32: IotcompressStateFormat = 0;
 
-/// Index coding of [`IotcompressHeader::index_coding`] (wire ids).
+/// Index coding of `IotcompressHeader.index_coding` (wire ids).
 pub type IotcompressIndexCoding = u32;
 /// Every element is sent: no index block.
 pub const IOTCOMPRESS_INDEX_DENSE: IotcompressIndexCoding = 0;
@@ -317,8 +346,9 @@ pub const IOTCOMPRESS_INDEX_BITMAP: IotcompressIndexCoding = 1;
 pub const IOTCOMPRESS_INDEX_RICE: IotcompressIndexCoding = 2;
 
 /// The wire format version this library writes and reads.
-pub const IOTCOMPRESS_WIRE_VERSION: u32 = iotcompress_core::wire::VERSION as u32;
-/// Value of [`IotcompressCompressor::magic`] after `iotcompress_init` ("ICS1").
+pub const IOTCOMPRESS_WIRE_VERSION: u32 = 1;
+const _: () = assert!(IOTCOMPRESS_WIRE_VERSION == iotcompress_core::wire::VERSION as u32);
+/// Value of `IotcompressCompressor.magic` after `iotcompress_init` ("ICS1").
 pub const IOTCOMPRESS_STATE_MAGIC: u32 = 0x4943_5331;
 
 // --- structs -----------------------------------------------------------------------------
@@ -456,7 +486,7 @@ pub struct IotcompressHeader {
 
 impl IotcompressConfig {
     /// Dense selection, f32 values, no momentum, seed 0.
-    pub const DEFAULT: IotcompressConfig = IotcompressConfig {
+    const DEFAULT: IotcompressConfig = IotcompressConfig {
         density: 0.0,
         seed: 0,
         selection: IOTCOMPRESS_SELECT_DENSE,
@@ -575,10 +605,10 @@ fn header_of(h: &Header, len: usize, index_len: usize, values_len: usize) -> Iot
     }
 }
 
-fn status(r: Result<(), Status>) -> Status {
+fn status(r: Result<(), Status>) -> IotcompressStatus {
     match r {
-        Ok(()) => Status::Ok,
-        Err(s) => s,
+        Ok(()) => IOTCOMPRESS_OK,
+        Err(s) => s as IotcompressStatus,
     }
 }
 
@@ -704,7 +734,7 @@ pub unsafe extern "C" fn iotcompress_config_default(
     config: *mut IotcompressConfig,
 ) -> IotcompressStatus {
     if config.is_null() {
-        return Status::ErrNullPointer;
+        return IOTCOMPRESS_ERR_NULL_POINTER;
     }
     // SAFETY: forwarded contract: `config` is writable for one `IotcompressConfig`.
     status(unsafe { write_opt(config, IotcompressConfig::DEFAULT) })
