@@ -291,7 +291,8 @@ fn sizes_match_the_core_and_the_static_bound() {
 fn invalid_configs_are_rejected() {
     let base = default_config();
     let mut s = IotcompressSizes::default();
-    let bad: Vec<Box<dyn Fn(&mut IotcompressConfig)>> = vec![
+    type Edit = Box<dyn Fn(&mut IotcompressConfig)>;
+    let bad: Vec<Edit> = vec![
         Box::new(|c| c.selection = 5),
         Box::new(|c| c.quant = 8),
         Box::new(|c| {
