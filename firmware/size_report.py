@@ -142,12 +142,49 @@ def symbols(build: Path, board: str, variant: str, count: int) -> str:
     return "\n".join(f"{int(ln.split()[1], 16):6d}  {ln.split(None, 3)[3]}" for ln in lines)
 
 
+#: Where the flash goes, by symbol name (first match wins).
+GROUPS = [
+    ("CRC-32C lookup tables", r"crc::TABLES"),
+    ("top-k and DGC sampling (chosen at run time, so always linked)",
+     r"Compressor::top_k|select::(SamplePlan|kth_largest|k_for_density)|core::slice::sort|select::median|min_index|max_index"),
+    ("adaptive threshold controller", r"ThresholdController|sqrt_f64"),
+    ("soft-float (f64 everywhere, f32 without an FPU) and integer division (compiler-builtins)",
+     r"compiler_builtins::(float|int)|^__aeabi_[dfilu]|^__(add|sub|mul|div|extend|trunc|fix|float)\w*$|^__udivmod|^fmaxf?$"),
+    ("memcpy / memset", r"compiler_builtins::mem|^mem(set|cpy)$|__aeabi_mem"),
+    ("C layer (iotcompress-ffi)", r"^iotcompress_(?!core)|^iotcompress::|^<iotcompress::"),
+    ("compress pipeline: feedback, threshold, quantise, wire encode, f16/bf16",
+     r"iotcompress_core::|^<core::iter|core::slice::|core::iter::"),
+    ("firmware (startup, probe)", r"^main$|Reset_Handler|^fw_|^put|^vectors$|_Handler$"),
+]
+
+
+def breakdown(build: Path, board: str, variant: str) -> list[tuple[str, int]]:
+    elf = build / board / f"size-{variant}.elf"
+    out = subprocess.run(["arm-none-eabi-nm", "--size-sort", "-S", "-C", str(elf)],
+                         capture_output=True, text=True, check=True).stdout
+    totals = {name: 0 for name, _ in GROUPS}
+    totals["other"] = 0
+    for ln in out.splitlines():
+        parts = ln.split(None, 3)
+        if len(parts) < 4 or parts[2].lower() not in ("t", "r", "w"):
+            continue
+        size, name = int(parts[1], 16), parts[3]
+        group = next((g for g, pat in GROUPS if re.search(pat, name)), "other")
+        totals[group] += size
+    return sorted(totals.items(), key=lambda kv: -kv[1])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("build", type=Path)
     ap.add_argument("--markdown", action="store_true", help="print the table for docs/mcu.md")
     ap.add_argument("--symbols", nargs=3, metavar=("BOARD", "VARIANT", "N"), help="largest symbols of one image")
+    ap.add_argument("--breakdown", nargs=2, metavar=("BOARD", "VARIANT"), help="flash of one image by group")
     args = ap.parse_args()
+    if args.breakdown:
+        for group, size in breakdown(args.build, *args.breakdown):
+            print(f"| {group} | {size} B |")
+        return 0
     if args.symbols:
         board, variant, n = args.symbols
         print(symbols(args.build, board, variant, int(n)))
