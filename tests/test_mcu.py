@@ -243,3 +243,13 @@ def test_docs_example_compiles_runs_and_is_shown_verbatim(host_lib, tmp_path):
     assert len(sent) == 5 and all(int(n) > 0 for _, n in sent)
     docs = (ROOT / "docs" / "mcu.md").read_text()
     assert (FIRMWARE / "example.c").read_text().strip() in docs, "docs/mcu.md must show firmware/example.c"
+
+
+@pytest.mark.parametrize("board", ["mps2-an385", "mps2-an386"])
+def test_docs_example_prints_the_same_on_the_device(firmware, host_lib, tmp_path, board):
+    host = _build_and_run(tmp_path, host_lib, "example.c", ["gcc", "-std=c99"])
+    cmd = ["qemu-system-arm", "-M", board, "-nographic", "-monitor", "none", "-serial", "null",
+           "-semihosting", "-kernel", str(firmware / board / "example.elf")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (r.stdout + r.stderr).splitlines() == host.splitlines()
