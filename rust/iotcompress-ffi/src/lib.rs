@@ -553,7 +553,9 @@ impl IotcompressConfig {
 }
 
 impl IotcompressCompressor {
-    /// The core compressor with this state's counters.
+    /// The core compressor with this state's counters. `Compressor` is configuration plus
+    /// `step` and `controller`, all carried here (a test in `tests/abi.rs` notices if the
+    /// core's struct grows).
     fn core_compressor(&self) -> Result<Compressor, Status> {
         if self.magic != IOTCOMPRESS_STATE_MAGIC {
             return Err(Status::ErrBadState);

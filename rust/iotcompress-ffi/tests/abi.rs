@@ -617,3 +617,16 @@ fn state_layout_is_stable() {
     assert_eq!(std::mem::size_of::<IotcompressCompressor>(), 80);
     assert_eq!(std::mem::align_of::<IotcompressCompressor>(), 8);
 }
+
+#[test]
+fn the_c_state_carries_everything_the_core_compressor_holds() {
+    // IotcompressCompressor rebuilds a core Compressor on every call from its config, numel,
+    // step and adaptive controller. If the core's Compressor grows another field, this size
+    // changes: carry the new state in IotcompressCompressor (and its checkpoint) too.
+    let core = std::mem::size_of::<iotcompress_core::Compressor>();
+    let parts = std::mem::size_of::<iotcompress_core::Config>()
+        + std::mem::size_of::<usize>()
+        + std::mem::size_of::<u64>()
+        + std::mem::size_of::<iotcompress_core::ThresholdController>();
+    assert_eq!(core, parts, "iotcompress_core::Compressor changed shape");
+}
