@@ -762,6 +762,10 @@ pub unsafe extern "C" fn iotcompress_sizes(
     status(unsafe { sizes_impl(config, numel, sizes) })
 }
 
+/// The body of `iotcompress_sizes`.
+///
+/// # Safety
+/// As for `iotcompress_sizes`.
 unsafe fn sizes_impl(
     config: *const IotcompressConfig,
     numel: u32,
@@ -803,6 +807,10 @@ pub unsafe extern "C" fn iotcompress_init(
     status(unsafe { init_impl(state, config, numel) })
 }
 
+/// The body of `iotcompress_init`.
+///
+/// # Safety
+/// As for `iotcompress_init`.
 unsafe fn init_impl(
     state: *mut IotcompressCompressor,
     config: *const IotcompressConfig,
@@ -860,6 +868,10 @@ pub unsafe extern "C" fn iotcompress_compress(
     status(unsafe { compress_impl(state, bufs, grad, grad_len, out, out_cap, info) })
 }
 
+/// The body of `iotcompress_compress`.
+///
+/// # Safety
+/// As for `iotcompress_compress`.
 unsafe fn compress_impl(
     state: *mut IotcompressCompressor,
     bufs: *const IotcompressBuffers,
@@ -892,13 +904,19 @@ unsafe fn compress_impl(
             return Err(Status::ErrOverlap);
         }
     }
-    // SAFETY (these six): forwarded contract, each pointer valid for its length; the regions
-    // written were checked pairwise disjoint and disjoint from the ones read.
+    // The regions written were checked pairwise disjoint and disjoint from the ones read, so
+    // the references below do not alias.
+    // SAFETY: forwarded contract: `state` is writable for one struct.
     let st = unsafe { reference_mut(state) }?;
+    // SAFETY: forwarded contract: `residual` holds `residual_len` floats.
     let residual = unsafe { slice_mut(b.residual, b.residual_len) }?;
+    // SAFETY: forwarded contract: `velocity` holds `velocity_len` floats (or is empty).
     let velocity = unsafe { slice_mut(b.velocity, b.velocity_len) }?;
+    // SAFETY: forwarded contract: `scratch` holds `scratch_len` words.
     let scratch = unsafe { slice_mut(b.scratch, b.scratch_len) }?;
+    // SAFETY: forwarded contract: `grad` holds `grad_len` floats, not written meanwhile.
     let grad = unsafe { slice(grad, grad_len) }?;
+    // SAFETY: forwarded contract: `out` holds `out_cap` writable bytes.
     let out = unsafe { slice_mut(out, out_cap) }?;
     let mut c = st.core_compressor()?;
     let bufs = Buffers {
@@ -939,6 +957,10 @@ pub unsafe extern "C" fn iotcompress_decode_add(
     status(unsafe { decode_add_impl(msg, msg_len, out, out_len, scale, header) })
 }
 
+/// The body of `iotcompress_decode_add`.
+///
+/// # Safety
+/// As for `iotcompress_decode_add`.
 unsafe fn decode_add_impl(
     msg: *const u8,
     msg_len: usize,
@@ -953,8 +975,10 @@ unsafe fn decode_add_impl(
     if written.overlaps(read) || header_span.overlaps(read) || header_span.overlaps(written) {
         return Err(Status::ErrOverlap);
     }
-    // SAFETY: forwarded contract; `out` was checked disjoint from `msg`.
+    // SAFETY: forwarded contract: `msg` holds `msg_len` readable bytes.
     let msg = unsafe { slice(msg, msg_len) }?;
+    // SAFETY: forwarded contract: `out` holds `out_len` writable floats, disjoint from `msg`
+    // (checked above).
     let out = unsafe { slice_mut(out, out_len) }?;
     let m = decode_add(msg, out, scale)?;
     let h = header_of(&m.header, m.len, m.index_len(), m.values_len());
@@ -981,6 +1005,10 @@ pub unsafe extern "C" fn iotcompress_parse(
     status(unsafe { parse_impl(msg, msg_len, max_numel, header) })
 }
 
+/// The body of `iotcompress_parse`.
+///
+/// # Safety
+/// As for `iotcompress_parse`.
 unsafe fn parse_impl(
     msg: *const u8,
     msg_len: usize,
