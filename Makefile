@@ -9,7 +9,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 PY_DEPS := "maturin>=1.5,<2" "numpy>=1.21" "pytest>=7" "pytest-timeout>=2" "hypothesis>=6" "torch>=2.1" "scikit-learn>=1.0"
 
-.PHONY: demo test rust-test clippy nostd-check py-test develop deps lint fmt clean
+.PHONY: demo test rust-test clippy nostd-check py-test develop deps lint fmt clean bench
 
 demo: develop
 	$(VENV)/bin/iotcompress demo
@@ -31,8 +31,11 @@ deps: $(VENV)/.deps
 develop: deps
 	$(VENV)/bin/maturin develop --release -q
 
+# The whole suite, then the core's suite again on the scalar kernels only (SIMD turned off):
+# every SIMD kernel must give the bytes the scalar specification gives.
 rust-test:
 	$(CARGO) test --workspace --release
+	IOTCOMPRESS_SIMD=off $(CARGO) test -p iotcompress-core --release
 
 clippy: | $(PY)
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
@@ -47,6 +50,13 @@ nostd-check:
 
 py-test: develop
 	$(PY) -m pytest -m "not mcu" tests
+	IOTCOMPRESS_SIMD=off $(PY) -m pytest tests/test_golden.py tests/test_api.py -q
+
+# The side-by-side benchmarks (not tests): writes benches/results/*.md and throughput.png.
+# BENCH_ARGS=--quick for a short run.
+bench: develop
+	$(PY) -m pip install -q "matplotlib>=3.5"
+	$(PY) benches/suite.py $(BENCH_ARGS)
 
 lint: clippy
 	$(CARGO) fmt --all -- --check

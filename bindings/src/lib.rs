@@ -124,6 +124,17 @@ impl PyCompressor {
         self.inner.set_selection(sel).map_err(|e| to_py(py, e))
     }
 
+    /// Threads for the passes over the whole tensor (messages do not depend on it).
+    #[getter]
+    fn threads(&self) -> usize {
+        self.inner.core().threads()
+    }
+
+    #[setter]
+    fn set_threads(&mut self, threads: usize) {
+        self.inner.set_threads(threads);
+    }
+
     #[getter]
     fn residual<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f32>> {
         PyArray1::from_slice(py, self.inner.residual())
@@ -284,6 +295,18 @@ fn inspect<'py>(py: Python<'py>, msg: &[u8]) -> PyResult<Bound<'py, PyDict>> {
     Ok(d)
 }
 
+/// The kernel family in use: `"avx2"` or `"scalar"`.
+#[pyfunction]
+fn simd_level() -> &'static str {
+    iotcompress_core::kernels::Level::active().name()
+}
+
+/// Turns SIMD kernels on or off for the process (output is identical; only speed changes).
+#[pyfunction]
+fn set_simd(enabled: bool) {
+    iotcompress_core::kernels::set_simd(enabled)
+}
+
 /// `(bytes of the largest message)` for `numel` elements with quantiser `quant`.
 #[pyfunction]
 fn max_encoded_len(numel: usize, quant: &str) -> PyResult<usize> {
@@ -298,6 +321,8 @@ fn _iotcompress(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(decode, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(max_encoded_len, m)?)?;
+    m.add_function(wrap_pyfunction!(simd_level, m)?)?;
+    m.add_function(wrap_pyfunction!(set_simd, m)?)?;
     m.add("WIRE_VERSION", iotcompress_core::wire::VERSION)?;
     Ok(())
 }

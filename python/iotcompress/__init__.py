@@ -16,7 +16,7 @@ PyTorch users: see :mod:`iotcompress.torch`.
 
 from importlib.metadata import PackageNotFoundError, version as _version
 
-from ._core import DEFAULT_MAX_NUMEL, QUANTS, Compressor, decode, decode_add, inspect
+from ._core import DEFAULT_MAX_NUMEL, QUANTS, Compressor, decode, decode_add, inspect, simd_level
 from ._iotcompress import WIRE_VERSION
 from .errors import CompressError, DecodeError, IotCompressError
 
@@ -30,6 +30,7 @@ __all__ = [
     "decode",
     "decode_add",
     "inspect",
+    "simd_level",
     "IotCompressError",
     "DecodeError",
     "CompressError",

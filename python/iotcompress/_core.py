@@ -139,8 +139,9 @@ class Compressor:
     ``quant`` is one of ``f32 f16 bf16 int8 int4 sign ternary qsgd`` (``qsgd:S`` for S levels).
     ``momentum``/``nesterov`` turn on DGC momentum correction with factor masking (use a
     plain SGD optimizer then). ``seed`` drives sampling and stochastic rounding: equal seeds
-    and inputs give equal bytes on every platform. A compressor may be shared between
-    threads; their calls take turns.
+    and inputs give equal bytes on every platform. ``threads`` splits the passes over large
+    gradients (a few million elements and up) over that many cores; the messages do not
+    depend on it. A compressor may be shared between Python threads; their calls take turns.
 
     Example::
 
@@ -152,6 +153,8 @@ class Compressor:
     """
 
     __slots__ = ("_ext", "_numel", "_options", "_lock")
+
+
 
     def __init__(
         self,
@@ -166,6 +169,7 @@ class Compressor:
         seed: int = 0,
         target_bytes: Optional[int] = None,
         adaptive: bool = False,
+        threads: int = 1,
     ) -> None:
         if isinstance(numel, bool) or not isinstance(numel, (int, np.integer)):
             raise TypeError(f"numel must be an int, got {type(numel).__name__}")
@@ -184,6 +188,7 @@ class Compressor:
             **selection, quant=quant, momentum=float(momentum), nesterov=bool(nesterov), seed=int(seed),
         )
         self._ext = _ext.Compressor(self._numel, **self._options)
+        self.threads = threads
         # Calls from several threads take turns (the extension releases the GIL while working).
         self._lock = threading.Lock()
 
@@ -224,6 +229,22 @@ class Compressor:
         with self._lock:
             self._ext.set_selection(**selection)
             self._options.update(selection)
+
+    @property
+    def threads(self) -> int:
+        """Threads for the passes over the whole gradient (settable; messages do not change).
+
+        Example::
+
+            c.threads = os.cpu_count()
+        """
+        return self._ext.threads
+
+    @threads.setter
+    def threads(self, threads: int) -> None:
+        if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+            raise ValueError(f"threads must be an int >= 1, got {threads!r}")
+        self._ext.threads = min(int(threads), 64)
 
     @property
     def numel(self) -> int:
@@ -386,3 +407,16 @@ def inspect(msg: Any) -> Dict[str, Any]:
     """
     return _ext.inspect(_as_message(msg))
 
+
+
+def simd_level() -> str:
+    """The kernel family the compressor runs on this CPU: ``"avx2"`` or ``"scalar"``.
+
+    Every family gives the same bytes; ``IOTCOMPRESS_SIMD=off`` in the environment forces
+    ``"scalar"``.
+
+    Example::
+
+        print(ic.simd_level())
+    """
+    return _ext.simd_level()

@@ -4,8 +4,9 @@
 //! (residual, velocity, scratch) are lent by the caller in [`Buffers`], so the whole path
 //! runs without a heap. [`crate::OwnedCompressor`] (feature `alloc`) owns them instead.
 
-use crate::feedback::{accumulate, accumulate_one, all_finite, Momentum};
-use crate::float::{abs, mag_bits};
+use crate::feedback::{accumulate_one, Momentum};
+use crate::float::{abs, ceil_usize, mag_bits};
+use crate::kernels::{prefetch, Passes};
 use crate::quant::{Quant, Quantizer, ValueStats};
 use crate::rng::{self, Purpose};
 use crate::select::{
@@ -90,6 +91,8 @@ pub struct Compressor {
     pub step: u64,
     /// Adaptive threshold state (unused by the other selections).
     pub controller: ThresholdController,
+    /// Threads for the passes over the whole tensor (feature `std`; 1 otherwise).
+    threads: usize,
 }
 
 /// Which entries the selection picked; the emission loops iterate it twice (statistics,
@@ -122,6 +125,7 @@ impl Compressor {
             numel,
             step: 0,
             controller: ThresholdController::new(),
+            threads: 1,
         })
     }
 
@@ -140,6 +144,18 @@ impl Compressor {
         config.validate()?;
         self.config = config;
         Ok(())
+    }
+
+    /// Splits the passes over the whole tensor (accumulation, candidate gathering, the
+    /// finiteness check) over `threads` threads when the tensor is large (feature `std`;
+    /// ignored otherwise). Messages and state are identical for every thread count.
+    pub fn set_threads(&mut self, threads: usize) {
+        self.threads = threads.max(1);
+    }
+
+    /// The thread count set by [`Compressor::set_threads`].
+    pub fn threads(&self) -> usize {
+        self.threads
     }
 
     /// Elements per tensor.
@@ -202,12 +218,19 @@ impl Compressor {
         if scratch.len() < self.scratch_len() {
             return Err(Error::ScratchTooSmall);
         }
-        if !all_finite(grad) {
+        let passes = Passes::new(self.threads);
+        if !passes.all_finite(grad) {
             return Err(Error::NonFiniteGradient);
         }
         let velocity = &mut velocity[..self.velocity_len()];
         let cfg = self.config;
-        let (picked, target) = self.select(residual, velocity, grad, scratch)?;
+        let (picked, target) = self.select(passes, residual, velocity, grad, scratch)?;
+        if let Picked::All = picked {
+            if let Some(info) = self.emit_dense(passes, residual, velocity, out)? {
+                self.step += 1;
+                return Ok(info);
+            }
+        }
 
         // Pass 1 over the picked entries: value statistics and the exact index costs.
         let (need_max, need_abs) = cfg.quant.needs();
@@ -297,10 +320,60 @@ impl Compressor {
         Ok(StepInfo { bytes: total, nnz })
     }
 
+    /// Every entry, byte-aligned codes: one monomorphic pass writes the codes and leaves the
+    /// quantisation error in the residual (the general path below makes two generic passes).
+    /// `None` for the quantisers it does not cover.
+    fn emit_dense(
+        &self,
+        passes: Passes,
+        r: &mut [f32],
+        u: &mut [f32],
+        out: &mut [u8],
+    ) -> Result<Option<StepInfo>, Error> {
+        let quant = self.config.quant;
+        if !matches!(quant, Quant::F32 | Quant::F16 | Quant::Bf16 | Quant::Int8) {
+            return Ok(None);
+        }
+        let n = r.len();
+        let stats = ValueStats {
+            max_abs: if quant.needs().0 {
+                f32::from_bits(passes.max_mag(r))
+            } else {
+                0.0
+            },
+            sum_abs: 0.0,
+        };
+        let scale = quant.scale(&stats, n);
+        let header = Header {
+            numel: n as u32,
+            nnz: n as u32,
+            quant,
+            index: IndexCost::all(),
+            scale,
+            stream: 0,
+        };
+        let header_len = header.write(out)?;
+        let values_len = quant.value_bytes(n as u64).ok_or(Error::BufferTooSmall)? as usize;
+        let total = header_len + values_len + CHECKSUM_LEN;
+        let values = out
+            .get_mut(header_len..header_len + values_len)
+            .ok_or(Error::BufferTooSmall)?;
+        passes.quantize_dense(quant, scale, r, values);
+        // Factor masking: every entry was sent.
+        u.fill(0.0);
+        let crc = crc32c(&out[..total - CHECKSUM_LEN]);
+        out[total - CHECKSUM_LEN..total].copy_from_slice(&crc.to_le_bytes());
+        Ok(Some(StepInfo {
+            bytes: total,
+            nnz: n,
+        }))
+    }
+
     /// Accumulates the gradient into the residual and picks the entries to send.
     /// Returns the pick and the target count (for the adaptive controller).
     fn select(
         &mut self,
+        passes: Passes,
         r: &mut [f32],
         u: &mut [f32],
         g: &[f32],
@@ -310,13 +383,13 @@ impl Compressor {
         let m = self.config.momentum;
         match self.config.selection {
             Selection::Dense => {
-                accumulate(m, r, u, g, None, &mut [])?;
+                passes.accumulate(m, r, u, g, None, &mut [])?;
                 Ok((Picked::All, n))
             }
-            Selection::Threshold(wt) => Ok((self.threshold_pick(r, u, g, scratch, wt)?, n)),
+            Selection::Threshold(wt) => Ok((self.threshold_pick(passes, r, u, g, scratch, wt)?, n)),
             Selection::TopK { density, exact } => {
                 let k = k_for_density(density, n);
-                Ok((self.top_k(r, u, g, scratch, k, exact)?, k))
+                Ok((self.top_k(passes, r, u, g, scratch, k, exact)?, k))
             }
             Selection::Adaptive(target) => {
                 let k = self
@@ -324,9 +397,9 @@ impl Compressor {
                     .target_count(target, n, self.config.quant.code_bits());
                 if self.controller.threshold > 0.0 {
                     let wt = self.controller.threshold;
-                    Ok((self.threshold_pick(r, u, g, scratch, wt)?, k))
+                    Ok((self.threshold_pick(passes, r, u, g, scratch, wt)?, k))
                 } else {
-                    Ok((self.top_k(r, u, g, scratch, k, false)?, k))
+                    Ok((self.top_k(passes, r, u, g, scratch, k, false)?, k))
                 }
             }
         }
@@ -334,6 +407,7 @@ impl Compressor {
 
     fn threshold_pick(
         &self,
+        passes: Passes,
         r: &mut [f32],
         u: &mut [f32],
         g: &[f32],
@@ -342,7 +416,8 @@ impl Compressor {
     ) -> Result<Picked, Error> {
         let t = mag_bits(wt);
         let cap = threshold_list_cap(self.numel).min(scratch.len());
-        let count = accumulate(self.config.momentum, r, u, g, Some(t), &mut scratch[..cap])?;
+        let count =
+            passes.accumulate(self.config.momentum, r, u, g, Some(t), &mut scratch[..cap])?;
         Ok(if count <= cap {
             Picked::List {
                 start: 0,
@@ -357,8 +432,10 @@ impl Compressor {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn top_k(
         &self,
+        passes: Passes,
         r: &mut [f32],
         u: &mut [f32],
         g: &[f32],
@@ -370,52 +447,62 @@ impl Compressor {
         let m = self.config.momentum;
         let plan = SamplePlan::new(n, k);
         if k == 0 {
-            accumulate(m, r, u, g, None, &mut [])?;
+            passes.accumulate(m, r, u, g, None, &mut [])?;
             return Ok(Picked::List { start: 0, len: 0 });
         }
-        if exact || plan.exact {
-            accumulate(m, r, u, g, None, &mut [])?;
-            let mags = &mut scratch[..n];
-            for (d, v) in mags.iter_mut().zip(r.iter()) {
-                *d = mag_bits(*v);
-            }
-            let (t, greater) = kth_largest(mags, k);
-            // Zeros are never worth sending: with fewer than k non-zeros, send those.
-            return Ok(if t == 0 {
-                Picked::Scan {
-                    above: 0,
-                    ties: 0,
-                    limit: usize::MAX,
-                }
-            } else {
-                Picked::Scan {
-                    above: t,
-                    ties: k - greater,
-                    limit: usize::MAX,
-                }
-            });
+        if plan.exact {
+            passes.accumulate(m, r, u, g, None, &mut [])?;
+            return Ok(exact_top_k(passes, r, &mut scratch[..n], k));
         }
 
         // DGC sampled threshold: sample v on the fly (before the state changes), so the
-        // candidates can be gathered during the accumulation pass itself.
+        // candidates can be gathered during the accumulation pass itself. The exact top-k
+        // takes the same path with a lower threshold (aiming at 1.5k candidates): when at
+        // least k arrive, they hold the k largest, and the exact selection among them is
+        // the exact selection among all.
         let (sample, rest) = scratch.split_at_mut(plan.sample);
         let (list, rest) = rest.split_at_mut(plan.cap);
         let cand_mags = &mut rest[..plan.cap];
         let stream = rng::stream(self.config.seed, self.step, Purpose::Sampling);
+        // Stratified: one run of `RUN` adjacent elements at a uniformly random place in each
+        // of `strata` equal parts (the last part takes the remainder). Runs and increasing
+        // positions cut the random reads (each lands on its own page) by `RUN`, and the next
+        // runs are fetched while this one is read.
+        const RUN: usize = 4;
+        const AHEAD: usize = 16;
+        let strata = plan.sample.div_ceil(RUN);
+        let width = n / strata; // >= 2 * RUN: a sampled plan has sample <= n / 2
+        let last = strata - 1;
+        let start = |j: usize| {
+            let span = if j == last { n - j * width } else { width } - RUN + 1;
+            j * width + rng::below(stream, j as u32, span as u32) as usize
+        };
         let fill_sample = |sample: &mut [u32], r: &[f32], u: &[f32]| {
-            for (j, s) in sample.iter_mut().enumerate() {
-                let i = rng::below(stream, j as u32, n as u32) as usize;
-                let (ri, ui, gi) = (r[i], u.get(i).copied().unwrap_or(0.0), g[i]);
-                *s = mag_bits(accumulate_one(m, ri, ui, gi).0);
+            for (j, run) in sample.chunks_mut(RUN).enumerate() {
+                if j + AHEAD <= last {
+                    let p = start(j + AHEAD);
+                    prefetch(r, p);
+                    prefetch(g, p);
+                    prefetch(u, p);
+                }
+                let s = start(j);
+                for (d, i) in run.iter_mut().zip(s..) {
+                    let (ri, ui, gi) = (r[i], u.get(i).copied().unwrap_or(0.0), g[i]);
+                    *d = mag_bits(accumulate_one(m, ri, ui, gi).0);
+                }
             }
         };
         fill_sample(sample, r, u);
-        let mut aim = 1.2 * k as f64;
+        let (mut aim, enough) = if exact {
+            (1.5 * k as f64, k)
+        } else {
+            (1.2 * k as f64, ceil_usize(0.8 * k as f64))
+        };
         let mut t = kth_largest(sample, plan.hits_for(n, aim)).0.max(1);
-        let mut count = accumulate(m, r, u, g, Some(t), list)?;
+        let mut count = passes.accumulate(m, r, u, g, Some(t), list)?;
         // Re-estimate a few times if the sample misled us (r now holds v: read-only passes).
         for _ in 0..4 {
-            let low = (count as f64) < 0.8 * k as f64;
+            let low = count < enough;
             if count > plan.cap {
                 aim *= 0.6;
             } else if low && t > 1 {
@@ -428,7 +515,11 @@ impl Compressor {
             if low && h == plan.sample {
                 t = 1; // the whole sample is below the target: take every non-zero
             }
-            count = gather(r, t, list);
+            count = passes.gather(r, t, list);
+        }
+        if exact && !(k..=plan.cap).contains(&count) {
+            // The estimates missed: select among all magnitudes (r already holds v).
+            return Ok(exact_top_k(passes, r, &mut scratch[..n], k));
         }
         if count > plan.cap {
             // Still overflowing (e.g. many equal magnitudes): the first k at or above t.
@@ -466,18 +557,25 @@ impl Compressor {
     }
 }
 
-/// Read-only candidate gathering over `v` (already accumulated into `r`).
-fn gather(r: &[f32], t: u32, list: &mut [u32]) -> usize {
-    let mut count = 0;
-    for (i, v) in r.iter().enumerate() {
-        if mag_bits(*v) >= t {
-            if let Some(slot) = list.get_mut(count) {
-                *slot = i as u32;
-            }
-            count += 1;
+/// The exact top-k of `v` (in `r`) by a selection over all magnitudes: the `k` largest,
+/// ties broken by lower index; with fewer than `k` non-zeros, those.
+fn exact_top_k(passes: Passes, r: &[f32], mags: &mut [u32], k: usize) -> Picked {
+    passes.magnitudes(r, mags);
+    let (t, greater) = kth_largest(mags, k);
+    if t == 0 {
+        // Zeros are never worth sending.
+        Picked::Scan {
+            above: 0,
+            ties: 0,
+            limit: usize::MAX,
+        }
+    } else {
+        Picked::Scan {
+            above: t,
+            ties: k - greater,
+            limit: usize::MAX,
         }
     }
-    count
 }
 
 /// Calls `f(index, &mut v)` for each picked entry in increasing index order.

@@ -15,9 +15,6 @@
 //! not keep pushing a weight that has just been updated. Without momentum the invariant
 //! `decoded + r_new == r_old + g` holds elementwise (bit-exact with f32 values).
 
-use crate::float::is_finite_bits;
-use crate::Error;
-
 /// Momentum correction applied before selection.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Momentum {
@@ -67,59 +64,5 @@ pub(crate) fn accumulate_one(momentum: Momentum, r: f32, u: f32, g: f32) -> (f32
             let u = m * (u + g);
             (r + u + g, u)
         }
-    }
-}
-
-/// True if every element of `g` is finite.
-pub(crate) fn all_finite(g: &[f32]) -> bool {
-    // OR-reduce over fixed chunks so the compiler vectorises; no early exit per element.
-    g.chunks(256).all(|c| {
-        c.iter()
-            .fold(true, |ok, x| ok & is_finite_bits(x.to_bits()))
-    })
-}
-
-/// `r <- v` (and `u <- u_new`) over the whole tensor; pushes every index whose |v| bits are
-/// at least `gather_at` into `list` (counting past its capacity). Returns the candidate
-/// count, or [`Error::Overflow`] if an accumulated value is not finite.
-pub(crate) fn accumulate(
-    momentum: Momentum,
-    r: &mut [f32],
-    u: &mut [f32],
-    g: &[f32],
-    gather_at: Option<u32>,
-    list: &mut [u32],
-) -> Result<usize, Error> {
-    let mut count = 0usize;
-    let mut finite = true;
-    let mut step = |i: usize, r: &mut f32, u: &mut f32, g: f32| {
-        let (v, un) = accumulate_one(momentum, *r, *u, g);
-        *r = v;
-        *u = un;
-        let bits = v.to_bits();
-        finite &= is_finite_bits(bits) & is_finite_bits(un.to_bits());
-        if let Some(t) = gather_at {
-            if bits & 0x7fff_ffff >= t {
-                if let Some(slot) = list.get_mut(count) {
-                    *slot = i as u32;
-                }
-                count += 1;
-            }
-        }
-    };
-    if momentum.has_velocity() {
-        for (i, ((r, u), &g)) in r.iter_mut().zip(u.iter_mut()).zip(g).enumerate() {
-            step(i, r, u, g);
-        }
-    } else {
-        let mut dummy = 0.0;
-        for (i, (r, &g)) in r.iter_mut().zip(g).enumerate() {
-            step(i, r, &mut dummy, g);
-        }
-    }
-    if finite {
-        Ok(count)
-    } else {
-        Err(Error::Overflow)
     }
 }

@@ -30,7 +30,8 @@
 //! decode_add(&msg[..info.bytes], &mut sum, 1.0).unwrap();
 //! ```
 #![cfg_attr(not(any(test, feature = "std")), no_std)]
-#![forbid(unsafe_code)]
+// `unsafe` lives only in the SIMD kernels (`kernels/x86_64.rs`), each block with its SAFETY.
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 #[cfg(feature = "alloc")]
@@ -40,6 +41,8 @@ mod compress;
 mod error;
 pub mod feedback;
 mod float;
+#[doc(hidden)]
+pub mod kernels;
 #[cfg(feature = "alloc")]
 mod owned;
 pub mod quant;

@@ -69,6 +69,11 @@ impl OwnedCompressor {
         Ok(())
     }
 
+    /// Splits whole-tensor passes over threads: see [`Compressor::set_threads`].
+    pub fn set_threads(&mut self, threads: usize) {
+        self.core.set_threads(threads);
+    }
+
     /// The largest message; `out` must be at least this long.
     pub fn max_message_len(&self) -> usize {
         self.core.max_message_len()

@@ -215,11 +215,11 @@ pub(crate) const fn level_bits(levels: u8) -> u32 {
 pub(crate) struct Quantizer {
     pub quant: Quant,
     /// Pre-multiplier of `v` (1, or 2^64 for tiny scales).
-    pre: f32,
+    pub pre: f32,
     /// Multiplier taking `|v|·pre` to code units (0 when the scale is 0).
-    inv: f32,
+    pub inv: f32,
     /// Decoded magnitude of one code unit.
-    unit: f32,
+    pub unit: f32,
     pub stream: u32,
 }
 

@@ -3,12 +3,16 @@
 //! * **Threshold** `Wt` (Strom, Interspeech 2015; the seed's step one): send every entry
 //!   with `|v| >= Wt`. One pass, no sorting; devices on poor links use a higher `Wt`.
 //! * **Top-k, exact**: the `k = ceil(density·n)` largest magnitudes (ties broken by lower
-//!   index), found with `select_nth_unstable` over all magnitudes.
+//!   index). On large tensors it runs the sampled path below aiming at `1.5k` candidates;
+//!   once at least `k` arrive they hold the `k` largest, and `select_nth_unstable` over the
+//!   candidates gives the exact answer. If the estimates miss, or the tensor is small, it
+//!   selects over all magnitudes.
 //! * **Top-k, sampled** (DGC, Lin et al., ICLR 2018, §3.1 and its reference code): estimate
-//!   the threshold from a random sample of `max(0.1 %·n, 64/density)` magnitudes, aiming at
-//!   `1.2k` candidates; gather the candidates during the accumulation pass itself; if more
-//!   than `k` arrive, pick the exact top-k among the candidates only. The count never
-//!   exceeds `k`; it falls below `0.8k` only if several re-estimates all miss.
+//!   the threshold from a stratified random sample of `max(0.1 %·n, 64/density)` magnitudes
+//!   (read in runs of four adjacent elements, one run per stratum), aiming at `1.2k`
+//!   candidates; gather the candidates during the accumulation pass itself; if more than
+//!   `k` arrive, pick the exact top-k among the candidates only. The count never exceeds
+//!   `k`; it falls below `0.8k` only if several re-estimates all miss.
 //! * **Dense**: everything.
 //! * **Adaptive** ([`ThresholdController`]): threshold mode whose `Wt` is adjusted each step
 //!   to hit a target density or byte budget, for devices that stream the gradient and cannot

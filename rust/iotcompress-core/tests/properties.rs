@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use iotcompress_core::feedback::Momentum;
-use iotcompress_core::{decode_to_vec, k_for_density, Quant, Selection, Target};
+use iotcompress_core::{decode_to_vec, k_for_density, Config, Quant, Selection, Target};
 use proptest::prelude::*;
 
 fn gradient_strategy() -> impl Strategy<Value = (usize, u64, f32)> {
@@ -334,4 +334,44 @@ fn non_finite_gradient_is_refused_without_side_effects() {
         (c.residual(), c.velocity(), c.core().step),
         (&r[..], &u[..], step)
     );
+}
+
+/// The exact top-k of large tensors goes through sampled candidates; it must still be the
+/// exact top-k (ties by lower index, zeros never), whatever the distribution.
+#[test]
+fn exact_top_k_of_large_tensors_is_exact() {
+    let n = 100_000;
+    let density = 0.01;
+    let k = k_for_density(density, n);
+    for case in 0..6u64 {
+        let mut rng = TestRng(7 + case);
+        let g: Vec<f32> = match case {
+            // Few distinct magnitudes: many ties at the k-th value.
+            0 | 1 => (0..n)
+                .map(|_| (rng.normal() * 3.0).round() * 0.25)
+                .collect(),
+            // Fewer than k non-zeros.
+            2 => (0..n)
+                .map(|i| if i % 211 == 0 { rng.normal() } else { 0.0 })
+                .collect(),
+            // Heavy tail in one region (the sample may mislead).
+            3 => (0..n)
+                .map(|i| rng.normal() * if i < 2000 { 50.0 } else { 1.0 })
+                .collect(),
+            _ => rng.normals(n, 1e-3),
+        };
+        let selection = Selection::TopK {
+            density,
+            exact: true,
+        };
+        let mut c = compressor(Config::new(selection), n);
+        let msg = c.compress_to_vec(&g).unwrap();
+        let decoded = decode_to_vec(&msg, n).unwrap();
+        let sent: Vec<usize> = (0..n).filter(|&i| decoded[i] != 0.0).collect();
+        let mut order: Vec<usize> = (0..n).filter(|&i| g[i] != 0.0).collect();
+        order.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()).then(a.cmp(&b)));
+        let mut want: Vec<usize> = order.into_iter().take(k).collect();
+        want.sort_unstable();
+        assert_eq!(sent, want, "case {case}");
+    }
 }

@@ -33,9 +33,15 @@ const fn make_tables() -> [[u32; 256]; 4] {
 static TABLES: [[u32; 256]; 4] = make_tables();
 
 /// CRC-32C of `data` (initial value and final xor 0xFFFFFFFF; `crc32c(b"123456789") == 0xE3069283`).
+/// Uses the CPU's CRC instruction where the kernels have one (same result).
 pub fn crc32c(data: &[u8]) -> u32 {
+    !crate::kernels::crc32c_update(crate::kernels::Level::active(), !0, data)
+}
+
+/// The CRC register after feeding `data` into register `crc` (no pre- or post-inversion):
+/// the reference the instruction-based kernels must match.
+pub fn crc32c_update(mut crc: u32, data: &[u8]) -> u32 {
     let t = &TABLES;
-    let mut crc = !0u32;
     let mut chunks = data.chunks_exact(4);
     for c in &mut chunks {
         crc ^= u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
@@ -47,11 +53,70 @@ pub fn crc32c(data: &[u8]) -> u32 {
     for &b in chunks.remainder() {
         crc = (crc >> 8) ^ t[0][((crc ^ b as u32) & 0xff) as usize];
     }
-    !crc
+    crc
+}
+
+/// `a·b mod P` for polynomials in the reflected representation (bit 31 is x^0); after
+/// Mark Adler's `multmodp` (crc32c.c, zlib licence).
+const fn mul_mod_p(a: u32, mut b: u32) -> u32 {
+    let mut m = 1u32 << 31;
+    let mut p = 0;
+    loop {
+        if a & m != 0 {
+            p ^= b;
+            if a & (m - 1) == 0 {
+                return p;
+            }
+        }
+        m >>= 1;
+        if m == 0 {
+            return p;
+        }
+        b = if b & 1 != 0 { (b >> 1) ^ POLY } else { b >> 1 };
+    }
+}
+
+/// `x^(8·bytes) mod P`: the operator that moves a CRC register past `bytes` zero bytes.
+pub(crate) const fn shift_operator(bytes: usize) -> u32 {
+    let mut result = 1u32 << 31; // x^0
+    let mut square = 1u32 << 30; // x^1
+    let mut e = bytes as u64 * 8;
+    while e != 0 {
+        if e & 1 != 0 {
+            result = mul_mod_p(result, square);
+        }
+        square = mul_mod_p(square, square);
+        e >>= 1;
+    }
+    result
+}
+
+/// The register of `A || B` from the register after `A` (shifted past `B`'s length by
+/// `operator`) and `B`'s register started from zero: CRCs are linear.
+#[inline]
+pub(crate) const fn combine(crc_a: u32, operator: u32, crc_b: u32) -> u32 {
+    mul_mod_p(operator, crc_a) ^ crc_b
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn combining_registers_equals_one_pass() {
+        let data: [u8; 1000] = core::array::from_fn(|i| (i * 7 + i / 13) as u8);
+        for split in [0, 1, 3, 64, 999, 1000] {
+            let (a, b) = data.split_at(split);
+            let whole = crc32c_update(!0, &data);
+            let joined = combine(
+                crc32c_update(!0, a),
+                shift_operator(b.len()),
+                crc32c_update(0, b),
+            );
+            assert_eq!(joined, whole, "split {split}");
+        }
+    }
+
     #[test]
     fn check_value() {
         assert_eq!(super::crc32c(b"123456789"), 0xe306_9283);

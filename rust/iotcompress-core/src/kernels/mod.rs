@@ -1,0 +1,329 @@
+//! The hot loops of the pipeline, each written once as a plain loop ([`scalar`], the
+//! specification) and again with SIMD where the target has it (AVX2 on x86_64). The SIMD
+//! kernels give the same bits as the scalar ones (`tests/simd.rs` checks every kernel on
+//! random and adversarial inputs), so the choice never changes a message.
+//!
+//! With `std` the level is chosen at run time from the CPU's features, and the environment
+//! variable `IOTCOMPRESS_SIMD=off` (or [`set_simd`]) forces the scalar kernels; without
+//! `std` it is chosen at compile time from the target features (`-C target-feature=+avx2`).
+//!
+//! This module is public for the equality tests and the benchmarks; it is not part of the
+//! stable API.
+
+// Kernels take their slices and parameters flat, as the loops use them.
+#![allow(clippy::too_many_arguments)]
+
+use crate::feedback::Momentum;
+use crate::quant::Quant;
+use crate::Error;
+
+#[cfg(feature = "std")]
+pub mod parallel;
+pub mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod x86_64;
+
+/// What an accumulation pass saw.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Accumulated {
+    /// Entries at or above the gather threshold (may exceed the list's capacity).
+    pub count: usize,
+    /// The largest magnitude bits among the new `v` and `u`: `>= 0x7f80_0000` when one of
+    /// them is not finite.
+    pub max_mag: u32,
+}
+
+impl Accumulated {
+    /// Whether every accumulated value is finite.
+    pub fn finite(&self) -> bool {
+        self.max_mag < 0x7f80_0000
+    }
+}
+
+/// A family of kernels.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Level {
+    /// Plain loops (the reference).
+    Scalar,
+    /// x86_64 AVX2.
+    Avx2,
+}
+
+impl Level {
+    /// A short name for tables.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Level::Scalar => "scalar",
+            Level::Avx2 => "avx2",
+        }
+    }
+
+    /// Whether this CPU runs the level.
+    pub fn supported(self) -> bool {
+        match self {
+            Level::Scalar => true,
+            Level::Avx2 => avx2(),
+        }
+    }
+
+    /// Every level this CPU runs, the reference first.
+    pub fn all_supported() -> impl Iterator<Item = Level> {
+        [Level::Scalar, Level::Avx2]
+            .into_iter()
+            .filter(|l| l.supported())
+    }
+
+    /// The best level this CPU runs (ignores [`set_simd`]).
+    pub fn best() -> Level {
+        if avx2() {
+            Level::Avx2
+        } else {
+            Level::Scalar
+        }
+    }
+
+    /// The level the pipeline uses now: [`Level::best`] unless SIMD is turned off.
+    pub fn active() -> Level {
+        if simd_enabled() {
+            Level::best()
+        } else {
+            Level::Scalar
+        }
+    }
+}
+
+#[cfg(all(target_arch = "x86_64", feature = "std"))]
+fn avx2() -> bool {
+    std::is_x86_feature_detected!("avx2")
+}
+
+#[cfg(not(all(target_arch = "x86_64", feature = "std")))]
+fn avx2() -> bool {
+    cfg!(all(target_arch = "x86_64", target_feature = "avx2"))
+}
+
+#[cfg(feature = "std")]
+mod switch {
+    use core::sync::atomic::{AtomicU8, Ordering};
+
+    /// 0: not read yet, 1: on, 2: off.
+    static STATE: AtomicU8 = AtomicU8::new(0);
+
+    pub fn enabled() -> bool {
+        match STATE.load(Ordering::Relaxed) {
+            1 => true,
+            2 => false,
+            _ => {
+                let off = std::env::var("IOTCOMPRESS_SIMD")
+                    .map(|v| matches!(v.as_str(), "off" | "0" | "scalar"))
+                    .unwrap_or(false);
+                set(!off);
+                !off
+            }
+        }
+    }
+
+    pub fn set(on: bool) {
+        STATE.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    }
+}
+
+/// Turns the SIMD kernels on or off for the whole process (the output does not change, only
+/// the speed). The default comes from `IOTCOMPRESS_SIMD` (`off` turns them off).
+#[cfg(feature = "std")]
+pub fn set_simd(enabled: bool) {
+    switch::set(enabled)
+}
+
+/// Whether the pipeline may use SIMD kernels.
+pub fn simd_enabled() -> bool {
+    #[cfg(feature = "std")]
+    {
+        switch::enabled()
+    }
+    #[cfg(not(feature = "std"))]
+    {
+        true
+    }
+}
+
+/// Hints the CPU to fetch `x[i]` into cache (a no-op where there is no such hint, or when
+/// `i` is out of bounds).
+#[inline(always)]
+pub fn prefetch(x: &[f32], i: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(v) = x.get(i) {
+        x86_64::prefetch(v);
+    }
+    let _ = (x, i);
+}
+
+/// The CRC-32C register after `data` (see [`crate::wire::crc::crc32c_update`]); the x86_64
+/// levels use the SSE4.2 `crc32` instruction.
+pub fn crc32c_update(level: Level, crc: u32, data: &[u8]) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx2 && sse42() {
+        return x86_64::crc32c_update(crc, data);
+    }
+    let _ = level;
+    crate::wire::crc::crc32c_update(crc, data)
+}
+
+#[cfg(all(target_arch = "x86_64", feature = "std"))]
+fn sse42() -> bool {
+    std::is_x86_feature_detected!("sse4.2")
+}
+
+#[cfg(not(all(target_arch = "x86_64", feature = "std")))]
+fn sse42() -> bool {
+    cfg!(all(target_arch = "x86_64", target_feature = "sse4.2"))
+}
+
+/// Error feedback (and momentum) over a whole slice, fused with the candidate gather: see
+/// [`scalar::accumulate`]. `u` may be empty without momentum; otherwise all lengths match.
+pub fn accumulate(
+    level: Level,
+    rule: Momentum,
+    r: &mut [f32],
+    u: &mut [f32],
+    g: &[f32],
+    gather_at: Option<u32>,
+    list: &mut [u32],
+    base: u32,
+) -> Accumulated {
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx2 && avx2() {
+        return x86_64::accumulate(rule, r, u, g, gather_at, list, base);
+    }
+    let _ = level;
+    scalar::accumulate(rule, r, u, g, gather_at, list, base)
+}
+
+/// The largest magnitude bits of `x`: see [`scalar::max_mag`].
+pub fn max_mag(level: Level, x: &[f32]) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx2 && avx2() {
+        return x86_64::max_mag(x);
+    }
+    let _ = level;
+    scalar::max_mag(x)
+}
+
+/// Read-only gather of `|x| >= at`: see [`scalar::gather`].
+pub fn gather(level: Level, x: &[f32], at: u32, list: &mut [u32], base: u32) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx2 && avx2() {
+        return x86_64::gather(x, at, list, base);
+    }
+    let _ = level;
+    scalar::gather(x, at, list, base)
+}
+
+/// Dense codes and residuals: see [`scalar::quantize_dense`] (finite values only).
+pub fn quantize_dense(level: Level, quant: Quant, scale: f32, r: &mut [f32], out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx2 && avx2() && x86_64::quantize_dense(quant, scale, r, out) {
+        return;
+    }
+    let _ = level;
+    scalar::quantize_dense(quant, scale, r, out)
+}
+
+/// Dense f16 decode-add: see [`scalar::decode_add_f16`].
+pub fn decode_add_f16(level: Level, codes: &[u8], out: &mut [f32], scale: f32) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx2 && avx2() && f16c() {
+        return x86_64::decode_add_f16(codes, out, scale);
+    }
+    let _ = level;
+    scalar::decode_add_f16(codes, out, scale)
+}
+
+#[cfg(all(target_arch = "x86_64", feature = "std"))]
+fn f16c() -> bool {
+    std::is_x86_feature_detected!("f16c")
+}
+
+#[cfg(not(all(target_arch = "x86_64", feature = "std")))]
+fn f16c() -> bool {
+    cfg!(all(target_arch = "x86_64", target_feature = "f16c"))
+}
+
+/// Magnitude bits: see [`scalar::magnitudes`].
+pub fn magnitudes(level: Level, x: &[f32], out: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx2 && avx2() {
+        return x86_64::magnitudes(x, out);
+    }
+    let _ = level;
+    scalar::magnitudes(x, out)
+}
+
+/// The whole-tensor passes of one `compress` call, at one kernel level and thread count.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Passes {
+    pub level: Level,
+    /// Threads for the passes over whole tensors (unused without `std`).
+    #[cfg_attr(not(feature = "std"), allow(dead_code))]
+    pub threads: usize,
+}
+
+impl Passes {
+    pub fn new(threads: usize) -> Self {
+        Passes {
+            level: Level::active(),
+            threads,
+        }
+    }
+
+    /// `r <- v` (and `u`), gathering `|v| >= gather_at` into `list`; the candidate count,
+    /// or [`Error::Overflow`] when an accumulated value is not finite.
+    pub fn accumulate(
+        &self,
+        rule: Momentum,
+        r: &mut [f32],
+        u: &mut [f32],
+        g: &[f32],
+        gather_at: Option<u32>,
+        list: &mut [u32],
+    ) -> Result<usize, Error> {
+        #[cfg(feature = "std")]
+        let a = parallel::accumulate_par(self.level, self.threads, rule, r, u, g, gather_at, list);
+        #[cfg(not(feature = "std"))]
+        let a = accumulate(self.level, rule, r, u, g, gather_at, list, 0);
+        if a.finite() {
+            Ok(a.count)
+        } else {
+            Err(Error::Overflow)
+        }
+    }
+
+    /// Whether every element of `x` is finite.
+    pub fn all_finite(&self, x: &[f32]) -> bool {
+        self.max_mag(x) < 0x7f80_0000
+    }
+
+    /// Read-only gather over `x` into `list` (indices from 0).
+    pub fn gather(&self, x: &[f32], at: u32, list: &mut [u32]) -> usize {
+        gather(self.level, x, at, list, 0)
+    }
+
+    /// The largest magnitude bits of `x`.
+    pub fn max_mag(&self, x: &[f32]) -> u32 {
+        #[cfg(feature = "std")]
+        return parallel::max_mag_par(self.level, self.threads, x);
+        #[cfg(not(feature = "std"))]
+        max_mag(self.level, x)
+    }
+
+    /// Dense codes of `r` into `out`, the quantisation error left in `r`.
+    pub fn quantize_dense(&self, quant: Quant, scale: f32, r: &mut [f32], out: &mut [u8]) {
+        quantize_dense(self.level, quant, scale, r, out)
+    }
+
+    /// Magnitude bits of `x` into `out`.
+    pub fn magnitudes(&self, x: &[f32], out: &mut [u32]) {
+        magnitudes(self.level, x, out)
+    }
+}

@@ -1,0 +1,106 @@
+//! Whole-tensor passes split over threads (feature `std`). Each thread runs the same kernel
+//! on a contiguous part; results are merged in index order, so the output is identical to
+//! one thread's.
+
+use super::{accumulate, gather, max_mag, Accumulated, Level};
+use crate::feedback::Momentum;
+
+/// Below this many elements per thread a pass stays on the calling thread.
+pub const MIN_PER_THREAD: usize = 1 << 16;
+/// More threads than this are not used.
+pub const MAX_THREADS: usize = 64;
+
+/// Parts of `n` elements for `threads` threads: the part length, a multiple of 64.
+fn part_len(n: usize, threads: usize) -> Option<usize> {
+    let t = threads.min(MAX_THREADS).min(n / MIN_PER_THREAD);
+    if t <= 1 {
+        return None;
+    }
+    Some(n.div_ceil(t).next_multiple_of(64))
+}
+
+/// [`super::accumulate`] over `threads` threads.
+pub fn accumulate_par(
+    level: Level,
+    threads: usize,
+    rule: Momentum,
+    r: &mut [f32],
+    u: &mut [f32],
+    g: &[f32],
+    gather_at: Option<u32>,
+    list: &mut [u32],
+) -> Accumulated {
+    let n = r.len();
+    let Some(part) = part_len(n, threads) else {
+        return accumulate(level, rule, r, u, g, gather_at, list, 0);
+    };
+    let parts = n.div_ceil(part);
+    // Each part gathers into its own share of the list.
+    let share = list.len() / parts;
+    let mut seen = [Accumulated::default(); MAX_THREADS];
+    let seen = &mut seen[..parts];
+    let has_u = rule.has_velocity();
+    std::thread::scope(|s| {
+        let mut r_rest = &mut *r;
+        let mut u_rest: &mut [f32] = if has_u { &mut *u } else { &mut [] };
+        let mut g_rest = g;
+        let mut l_rest = &mut *list;
+        let mut results = seen.iter_mut();
+        let mut start = 0usize;
+        while !r_rest.is_empty() {
+            let len = part.min(r_rest.len());
+            let (rp, rr) = r_rest.split_at_mut(len);
+            let (up, ur) = if has_u {
+                u_rest.split_at_mut(len)
+            } else {
+                (&mut [][..], &mut [][..])
+            };
+            let (gp, gr) = g_rest.split_at(len);
+            let (lp, lr) = l_rest.split_at_mut(share.min(l_rest.len()));
+            let Some(slot) = results.next() else { break };
+            let base = start as u32;
+            s.spawn(move || *slot = accumulate(level, rule, rp, up, gp, gather_at, lp, base));
+            (r_rest, u_rest, g_rest, l_rest) = (rr, ur, gr, lr);
+            start += len;
+        }
+    });
+    let count: usize = seen.iter().map(|a| a.count).sum();
+    let max_mag = seen.iter().map(|a| a.max_mag).max().unwrap_or(0);
+    if let Some(at) = gather_at {
+        if count <= list.len() {
+            if seen.iter().all(|a| a.count <= share) {
+                // Close the gaps between the shares, in order.
+                let mut to = 0;
+                for (j, a) in seen.iter().enumerate() {
+                    list.copy_within(j * share..j * share + a.count, to);
+                    to += a.count;
+                }
+            } else {
+                // One share overflowed though the whole list would not: gather again from
+                // `r`, which now holds `v` (rare: the candidates bunch in one part).
+                gather(level, r, at, list, 0);
+            }
+        }
+    }
+    Accumulated { count, max_mag }
+}
+
+/// [`super::max_mag`] over `threads` threads.
+pub fn max_mag_par(level: Level, threads: usize, x: &[f32]) -> u32 {
+    let Some(part) = part_len(x.len(), threads) else {
+        return max_mag(level, x);
+    };
+    std::thread::scope(|s| {
+        let handles: [_; MAX_THREADS] = core::array::from_fn(|j| {
+            let p = x.get(j * part..((j + 1) * part).min(x.len()));
+            p.filter(|p| !p.is_empty())
+                .map(|p| s.spawn(move || max_mag(level, p)))
+        });
+        handles
+            .into_iter()
+            .flatten()
+            .map(|h| h.join().unwrap_or(u32::MAX))
+            .max()
+            .unwrap_or(0)
+    })
+}

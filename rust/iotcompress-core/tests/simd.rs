@@ -1,0 +1,333 @@
+//! The scalar kernels are the specification: every SIMD kernel this CPU runs must give the
+//! same bits on random and adversarial inputs, and threaded compression must give the same
+//! messages and state as one thread.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_arguments)]
+
+mod common;
+
+use common::*;
+use iotcompress_core::kernels::{self, parallel, Accumulated, Level};
+use iotcompress_core::{Buffers, Compressor, Config, Momentum, Quant, Selection, Target};
+use proptest::prelude::*;
+
+/// Values that stress the kernels: ordinary magnitudes, signed zeros, subnormals, values
+/// near the overflow edge, exact threshold ties, and (rarely) NaN and infinities.
+fn value() -> impl Strategy<Value = f32> {
+    prop_oneof![
+        8 => -1.0f32..1.0,
+        2 => -1e-3f32..1e-3,
+        1 => Just(0.0f32),
+        1 => Just(-0.0f32),
+        1 => (1u32..0x80_0000).prop_map(f32::from_bits),
+        1 => prop_oneof![Just(f32::MAX), Just(-f32::MAX), Just(3.0e38f32)],
+        1 => prop_oneof![Just(0.5f32), Just(-0.5f32)],
+        // Exact rounding ties of bfloat16 and of (normal) f16.
+        1 => any::<u16>().prop_map(|h| f32::from_bits(((h as u32 & 0xff7f) << 16) | 0x8000)),
+        1 => (0x0400u16..0x7c00, any::<bool>()).prop_map(|(c, neg)| {
+            let tie = f32::from_bits(iotcompress_core::f16_to_f32(c).to_bits() + 0x1000);
+            if neg { -tie } else { tie }
+        }),
+        1 => prop_oneof![Just(f32::NAN), Just(f32::INFINITY), Just(f32::NEG_INFINITY)],
+    ]
+}
+
+fn finite_value() -> impl Strategy<Value = f32> {
+    value().prop_map(|v| if v.is_finite() { v } else { 0.25 })
+}
+
+fn rule() -> impl Strategy<Value = Momentum> {
+    prop_oneof![
+        Just(Momentum::None),
+        (0.0f32..0.99).prop_map(Momentum::Vanilla),
+        (0.0f32..0.99).prop_map(Momentum::Nesterov),
+    ]
+}
+
+/// Bits, with every NaN made the same (NaN payloads are not part of any result).
+fn bits(x: &[f32]) -> Vec<u32> {
+    x.iter()
+        .map(|v| if v.is_nan() { 0x7fc0_0000 } else { v.to_bits() })
+        .collect()
+}
+
+fn simd_levels() -> Vec<Level> {
+    Level::all_supported()
+        .filter(|l| *l != Level::Scalar)
+        .collect()
+}
+
+type Run = (Accumulated, Vec<u32>, Vec<u32>, Vec<u32>);
+
+fn run_accumulate(
+    level: Level,
+    rule: Momentum,
+    r: &[f32],
+    u: &[f32],
+    g: &[f32],
+    at: Option<u32>,
+    cap: usize,
+    base: u32,
+) -> Run {
+    let (mut r, mut u) = (r.to_vec(), u.to_vec());
+    let mut list = vec![u32::MAX; cap];
+    let a = kernels::accumulate(level, rule, &mut r, &mut u, g, at, &mut list, base);
+    (a, bits(&r), bits(&u), list)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn accumulate_matches_scalar(
+        g in prop::collection::vec(value(), 0..300),
+        seed in any::<u64>(),
+        rule in rule(),
+        at in prop_oneof![Just(None), Just(Some(0u32)), Just(Some(0x3f00_0000u32)), (0u32..0x7f80_0000).prop_map(Some)],
+        cap in 0usize..64,
+        base in any::<u32>(),
+    ) {
+        let n = g.len();
+        let mut rng = TestRng(seed | 1);
+        let r: Vec<f32> = (0..n).map(|i| if i % 7 == 0 { g[(i * 3) % n] } else { rng.normal() }).collect();
+        let u: Vec<f32> = if rule == Momentum::None { vec![] } else { rng.normals(n, 0.5) };
+        let want = run_accumulate(Level::Scalar, rule, &r, &u, &g, at, cap, base);
+        for level in simd_levels() {
+            let got = run_accumulate(level, rule, &r, &u, &g, at, cap, base);
+            prop_assert_eq!(&got, &want, "{:?}", level);
+        }
+    }
+
+    #[test]
+    fn read_only_kernels_match_scalar(
+        x in prop::collection::vec(value(), 0..300),
+        at in 0u32..0x7fff_ffff,
+        cap in 0usize..64,
+        base in any::<u32>(),
+    ) {
+        let want_max = kernels::scalar::max_mag(&x);
+        let mut want_list = vec![u32::MAX; cap];
+        let want_count = kernels::scalar::gather(&x, at, &mut want_list, base);
+        let mut want_mags = vec![0u32; x.len()];
+        kernels::scalar::magnitudes(&x, &mut want_mags);
+        for level in simd_levels() {
+            prop_assert_eq!(kernels::max_mag(level, &x), want_max);
+            let mut list = vec![u32::MAX; cap];
+            prop_assert_eq!(kernels::gather(level, &x, at, &mut list, base), want_count);
+            prop_assert_eq!(&list, &want_list);
+            let mut mags = vec![0u32; x.len()];
+            kernels::magnitudes(level, &x, &mut mags);
+            prop_assert_eq!(&mags, &want_mags);
+        }
+    }
+
+    #[test]
+    fn crc_matches_scalar(
+        len in prop_oneof![0usize..100, 12_000usize..40_000],
+        seed in any::<u64>(),
+        start in any::<u32>(),
+    ) {
+        let mut rng = TestRng(seed | 1);
+        let data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+        let want = iotcompress_core::wire::crc::crc32c_update(start, &data);
+        for level in simd_levels() {
+            prop_assert_eq!(kernels::crc32c_update(level, start, &data), want);
+        }
+    }
+
+    #[test]
+    fn dense_quantisation_matches_scalar(
+        r in prop::collection::vec(finite_value(), 0..200),
+        quant in prop::sample::select(vec![Quant::F32, Quant::F16, Quant::Bf16, Quant::Int8, Quant::Sign]),
+        scale in prop_oneof![Just(None), Just(Some(1e-3f32)), Just(Some(1e-35f32)), Just(Some(0.0f32)), (1e-6f32..10.0).prop_map(Some)],
+        ties in any::<bool>(),
+    ) {
+        // With a power-of-two scale, half-integer multiples of it are exact rounding ties.
+        let (r, scale) = if ties {
+            let r: Vec<f32> = r.iter().enumerate().map(|(i, v)| {
+                if i % 2 == 0 { ((v * 300.0) as i32 as f32 + 0.5) * 0.25 } else { *v }
+            }).collect();
+            (r, Some(0.25f32))
+        } else {
+            (r, scale)
+        };
+        // The pipeline's int8 scale is max|v|/127; other scales exercise clamping.
+        let max = r.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let scale = scale.unwrap_or((max / 127.0).max(f32::from_bits((max > 0.0) as u32)));
+        let width = match quant { Quant::F32 => 4, Quant::Int8 => 1, Quant::Sign => 1, _ => 2 };
+        let mut want_r = r.clone();
+        let mut want = vec![0xa5u8; r.len() * width];
+        kernels::scalar::quantize_dense(quant, scale, &mut want_r, &mut want);
+        for level in simd_levels() {
+            let mut got_r = r.clone();
+            let mut got = vec![0xa5u8; r.len() * width];
+            kernels::quantize_dense(level, quant, scale, &mut got_r, &mut got);
+            prop_assert_eq!(&got, &want, "{:?} {:?}", level, quant);
+            prop_assert_eq!(bits(&got_r), bits(&want_r));
+        }
+    }
+
+    #[test]
+    fn dense_f16_decode_matches_scalar(
+        codes in prop::collection::vec(prop_oneof![8 => 0u16..0x7c00, 8 => 0x8000u16..0xfc00, 1 => any::<u16>()], 0..200),
+        out in prop::collection::vec(-1.0f32..1.0, 200),
+        scale in -4.0f32..4.0,
+    ) {
+        let bytes: Vec<u8> = codes.iter().flat_map(|c| c.to_le_bytes()).collect();
+        let mut want = out[..codes.len()].to_vec();
+        let ok = kernels::scalar::decode_add_f16(&bytes, &mut want, scale);
+        for level in simd_levels() {
+            let mut got = out[..codes.len()].to_vec();
+            prop_assert_eq!(kernels::decode_add_f16(level, &bytes, &mut got, scale), ok);
+            prop_assert_eq!(bits(&got), bits(&want));
+        }
+    }
+
+    /// The whole pipeline, every selection and quantiser, with the SIMD level and the
+    /// scalar one: the same messages and the same state.
+    #[test]
+    fn pipeline_is_the_same_without_simd(
+        g in prop::collection::vec(finite_value(), 1..300),
+        quant in prop::sample::select(QUANTS.to_vec()),
+        selection in prop::sample::select(selections(0.5)),
+        rule in prop::sample::select(momenta().to_vec()),
+    ) {
+        let config = Config { quant, momentum: rule, seed: 5, ..Config::new(selection) };
+        let run = |simd: bool| {
+            kernels::set_simd(simd);
+            let mut c = Compressor::new(config, g.len()).unwrap();
+            let mut r = vec![0.0f32; g.len()];
+            let mut u = vec![0.0f32; c.velocity_len()];
+            let mut s = vec![0u32; c.scratch_len()];
+            let mut out = vec![0u8; c.max_message_len()];
+            let mut msgs = Vec::new();
+            for step in 0..3 {
+                let grad: Vec<f32> = g.iter().map(|v| v * (step + 1) as f32 * 0.5).collect();
+                let bufs = Buffers { residual: &mut r, velocity: &mut u, scratch: &mut s };
+                let res = c.compress(bufs, &grad, &mut out).map(|i| out[..i.bytes].to_vec());
+                msgs.push(res);
+            }
+            (msgs, bits(&r), bits(&u))
+        };
+        let with = run(true);
+        let without = run(false);
+        kernels::set_simd(true);
+        prop_assert_eq!(with, without);
+    }
+}
+
+/// A large gradient whose candidates bunch in one part of the tensor (so one thread's share
+/// of the candidate list overflows while the whole list would not) and elsewhere are spread
+/// thinly; plus ties at the threshold.
+fn bunched_gradient(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = TestRng(seed);
+    let mut g = rng.normals(n, 1e-3);
+    for v in g.iter_mut().take(n / 50) {
+        *v *= 40.0;
+    }
+    for i in (0..n).step_by(9973) {
+        g[i] = 0.02;
+    }
+    g
+}
+
+#[test]
+fn threads_give_the_same_messages() {
+    let n = 3 * parallel::MIN_PER_THREAD + 777;
+    let mut sels = selections(0.01);
+    sels.push(Selection::TopK {
+        density: 0.001,
+        exact: false,
+    });
+    sels.push(Selection::Adaptive(Target::Bytes(900)));
+    for selection in sels {
+        for rule in momenta() {
+            for quant in [Quant::Int8, Quant::F32, Quant::Sign] {
+                let config = Config {
+                    quant,
+                    momentum: rule,
+                    seed: 9,
+                    ..Config::new(selection)
+                };
+                let run = |threads: usize| {
+                    let mut c = Compressor::new(config, n).unwrap();
+                    c.set_threads(threads);
+                    let mut r = vec![0.0f32; n];
+                    let mut u = vec![0.0f32; c.velocity_len()];
+                    let mut s = vec![0u32; c.scratch_len()];
+                    let mut out = vec![0u8; c.max_message_len()];
+                    let mut msgs = Vec::new();
+                    for step in 0..3 {
+                        let g = bunched_gradient(n, 100 + step);
+                        let bufs = Buffers {
+                            residual: &mut r,
+                            velocity: &mut u,
+                            scratch: &mut s,
+                        };
+                        let info = c.compress(bufs, &g, &mut out).unwrap();
+                        msgs.push(out[..info.bytes].to_vec());
+                    }
+                    (msgs, bits(&r), bits(&u), c)
+                };
+                let one = run(1);
+                for threads in [2, 3, 4] {
+                    let (msgs, r, u, c) = run(threads);
+                    assert_eq!(msgs, one.0, "{selection:?} {rule:?} {quant:?} x{threads}");
+                    assert_eq!((r, u), (one.1.clone(), one.2.clone()));
+                    assert_eq!(c.controller, one.3.controller);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn threaded_kernels_match_one_thread_when_a_share_overflows() {
+    let n = 4 * parallel::MIN_PER_THREAD;
+    let g = bunched_gradient(n, 3);
+    let at = 0.01f32.to_bits();
+    for level in Level::all_supported() {
+        for cap in [10usize, 4000, 6000, n] {
+            let one = run_accumulate(
+                level,
+                Momentum::None,
+                &vec![0.0; n],
+                &[],
+                &g,
+                Some(at),
+                cap,
+                0,
+            );
+            for threads in [2, 4] {
+                let mut r = vec![0.0f32; n];
+                let mut list = vec![u32::MAX; cap];
+                let a = parallel::accumulate_par(
+                    level,
+                    threads,
+                    Momentum::None,
+                    &mut r,
+                    &mut [],
+                    &g,
+                    Some(at),
+                    &mut list,
+                );
+                assert_eq!(a, one.0, "cap {cap} x{threads}");
+                assert_eq!(bits(&r), one.1);
+                if a.count <= cap {
+                    assert_eq!(list[..a.count], one.3[..a.count], "cap {cap} x{threads}");
+                }
+                let max = parallel::max_mag_par(level, threads, &g);
+                assert_eq!(max, kernels::scalar::max_mag(&g));
+            }
+        }
+    }
+}
+
+#[test]
+fn this_machine_runs_simd_where_the_cpu_has_it() {
+    // CI runs on x86_64 with AVX2: if detection broke, the equality tests above would
+    // silently compare scalar with scalar.
+    if cfg!(target_arch = "x86_64") && std::is_x86_feature_detected!("avx2") {
+        assert!(Level::all_supported().any(|l| l == Level::Avx2));
+    }
+}
