@@ -621,12 +621,14 @@ fn state_layout_is_stable() {
 #[test]
 fn the_c_state_carries_everything_the_core_compressor_holds() {
     // IotcompressCompressor rebuilds a core Compressor on every call from its config, numel,
-    // step and adaptive controller. If the core's Compressor grows another field, this size
+    // step and adaptive controller; `threads` (a speed knob that does not change the bytes)
+    // stays at its default of 1. If the core's Compressor grows another field, this size
     // changes: carry the new state in IotcompressCompressor (and its checkpoint) too.
     let core = std::mem::size_of::<iotcompress_core::Compressor>();
     let parts = std::mem::size_of::<iotcompress_core::Config>()
-        + std::mem::size_of::<usize>()
-        + std::mem::size_of::<u64>()
-        + std::mem::size_of::<iotcompress_core::ThresholdController>();
+        + std::mem::size_of::<usize>() // numel
+        + std::mem::size_of::<u64>() // step
+        + std::mem::size_of::<iotcompress_core::ThresholdController>()
+        + std::mem::size_of::<usize>(); // threads
     assert_eq!(core, parts, "iotcompress_core::Compressor changed shape");
 }
