@@ -14,7 +14,8 @@ PY_DEPS := "maturin>=1.5,<2" "numpy>=1.21" "pytest>=7" "pytest-timeout>=2" "hypo
 demo: develop
 	$(VENV)/bin/iotcompress demo
 
-test: develop rust-test clippy nostd-check py-test
+# mcu-test skips without the Cortex-M toolchain unless IOTCOMPRESS_REQUIRE_MCU=1 (CI).
+test: develop rust-test clippy nostd-check header-check py-test mcu-test
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -48,7 +49,7 @@ nostd-check:
 	echo "no_std core: builds, no dependencies"
 
 py-test: develop
-	$(PY) -m pytest tests
+	$(PY) -m pytest -m "not mcu" tests
 	IOTCOMPRESS_SIMD=off $(PY) -m pytest tests/test_golden.py tests/test_api.py -q
 
 # The side-by-side benchmarks (not tests): writes benches/results/*.md and throughput.png.
@@ -66,3 +67,5 @@ fmt:
 clean:
 	$(CARGO) clean
 	rm -rf $(VENV)
+
+include mk/mcu.mk

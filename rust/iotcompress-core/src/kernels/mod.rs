@@ -175,9 +175,9 @@ fn sse42() -> bool {
     std::is_x86_feature_detected!("sse4.2")
 }
 
-#[cfg(not(all(target_arch = "x86_64", feature = "std")))]
+#[cfg(all(target_arch = "x86_64", not(feature = "std")))]
 fn sse42() -> bool {
-    cfg!(all(target_arch = "x86_64", target_feature = "sse4.2"))
+    cfg!(target_feature = "sse4.2")
 }
 
 /// Error feedback (and momentum) over a whole slice, fused with the candidate gather: see
@@ -245,9 +245,9 @@ fn f16c() -> bool {
     std::is_x86_feature_detected!("f16c")
 }
 
-#[cfg(not(all(target_arch = "x86_64", feature = "std")))]
+#[cfg(all(target_arch = "x86_64", not(feature = "std")))]
 fn f16c() -> bool {
-    cfg!(all(target_arch = "x86_64", target_feature = "f16c"))
+    cfg!(target_feature = "f16c")
 }
 
 /// Magnitude bits: see [`scalar::magnitudes`].

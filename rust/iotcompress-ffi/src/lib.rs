@@ -1,0 +1,1083 @@
+//! # iotcompress-ffi
+//!
+//! The C ABI of `iotcompress-core`, for firmware written in C (bare metal, Zephyr, Arduino).
+//! The header is `include/iotcompress.h`, generated from this file by cbindgen
+//! (`make header-check` fails when it is stale); `docs/mcu.md` is the guide.
+//!
+//! Rules of this layer:
+//!
+//! * **No heap.** The caller owns the compressor state (a plain struct) and every buffer;
+//!   [`iotcompress_sizes`] says how large they must be.
+//! * **Types only.** Each function converts C arguments to core types, calls the core once and
+//!   converts the result back; the pipeline lives in `iotcompress-core`.
+//! * **No UB from bad arguments, no panics.** Null pointers, misaligned pointers, lengths
+//!   that do not match, overlapping buffers, unknown enum values and uninitialised state all
+//!   return an error code. All `unsafe` of the project is in this crate, each block with a
+//!   `// SAFETY:` comment; what remains the caller's duty (pointers that point at `len` live
+//!   elements) is stated under `# Safety` on each function.
+//! * **The state is transparent.** [`IotcompressCompressor`] holds the configuration and the
+//!   counters as plain fields, validated on every call, so a checkpoint is a `memcpy` and a
+//!   garbage struct is an error code, never undefined behaviour.
+#![cfg_attr(not(any(test, feature = "std")), no_std)]
+#![warn(missing_docs)]
+
+use core::ffi::{c_char, CStr};
+use core::mem::{align_of, size_of};
+
+use iotcompress_core::{
+    decode_add, parse, Buffers, Compressor, Config, Error, Header, IndexCoding, Momentum, Quant,
+    Selection, Target, ThresholdController,
+};
+
+// --- status codes ------------------------------------------------------------------------
+
+/// The result of every function: `IOTCOMPRESS_OK` (0) or an error code.
+///
+/// Codes 1 to 14 are *decode* errors (the message bytes are malformed), 15 to 20 are caller
+/// errors reported by the core, 100 and up are errors of the C layer (bad pointers, state).
+/// The values are stable: new codes are only ever added. `iotcompress_error_name` and
+/// `iotcompress_error_message` describe them.
+pub type IotcompressStatus = i32;
+
+/// Success.
+pub const IOTCOMPRESS_OK: IotcompressStatus = 0;
+/// The message ends before its header says it should.
+pub const IOTCOMPRESS_ERR_TRUNCATED: IotcompressStatus = 1;
+/// The message has bytes after its checksum or after its index block.
+pub const IOTCOMPRESS_ERR_TRAILING_BYTES: IotcompressStatus = 2;
+/// The first two bytes are not the magic "IC": not an iotcompress message.
+pub const IOTCOMPRESS_ERR_BAD_MAGIC: IotcompressStatus = 3;
+/// The version byte names a wire format this decoder does not know.
+pub const IOTCOMPRESS_ERR_UNSUPPORTED_VERSION: IotcompressStatus = 4;
+/// The codec byte names an unknown quantiser or index coding, or sets reserved bits.
+pub const IOTCOMPRESS_ERR_UNKNOWN_CODEC: IotcompressStatus = 5;
+/// A varint in the header is malformed.
+pub const IOTCOMPRESS_ERR_BAD_VARINT: IotcompressStatus = 6;
+/// The entry count is inconsistent with the element count or the index block.
+pub const IOTCOMPRESS_ERR_BAD_ENTRY_COUNT: IotcompressStatus = 7;
+/// An index points past the end of the tensor.
+pub const IOTCOMPRESS_ERR_INDEX_OUT_OF_RANGE: IotcompressStatus = 8;
+/// Padding bits or reserved fields are not zero.
+pub const IOTCOMPRESS_ERR_NON_ZERO_PADDING: IotcompressStatus = 9;
+/// A scale is negative or not finite, or the QSGD level count is zero.
+pub const IOTCOMPRESS_ERR_BAD_SCALE: IotcompressStatus = 10;
+/// A value is not finite or a packed code is outside its alphabet.
+pub const IOTCOMPRESS_ERR_BAD_VALUE: IotcompressStatus = 11;
+/// The CRC-32C does not match: the bytes were corrupted.
+pub const IOTCOMPRESS_ERR_CHECKSUM_MISMATCH: IotcompressStatus = 12;
+/// The message is for a tensor of another size than the output buffer.
+pub const IOTCOMPRESS_ERR_NUMEL_MISMATCH: IotcompressStatus = 13;
+/// The message announces more elements than the caller allows.
+pub const IOTCOMPRESS_ERR_TOO_LARGE: IotcompressStatus = 14;
+/// An output buffer is smaller than needed (see `iotcompress_sizes`).
+pub const IOTCOMPRESS_ERR_BUFFER_TOO_SMALL: IotcompressStatus = 15;
+/// The scratch buffer is smaller than `scratch_len` of `iotcompress_sizes`.
+pub const IOTCOMPRESS_ERR_SCRATCH_TOO_SMALL: IotcompressStatus = 16;
+/// A gradient or state buffer does not have the length the compressor needs.
+pub const IOTCOMPRESS_ERR_LENGTH_MISMATCH: IotcompressStatus = 17;
+/// The gradient contains NaN or infinity; the state was left unchanged.
+pub const IOTCOMPRESS_ERR_NON_FINITE_GRADIENT: IotcompressStatus = 18;
+/// Accumulating the gradient overflowed float32; the residual now holds infinities.
+pub const IOTCOMPRESS_ERR_OVERFLOW: IotcompressStatus = 19;
+/// An option is out of range or an enum value is unknown.
+pub const IOTCOMPRESS_ERR_INVALID_CONFIG: IotcompressStatus = 20;
+/// A required pointer is NULL (or NULL with a non-zero length).
+pub const IOTCOMPRESS_ERR_NULL_POINTER: IotcompressStatus = 100;
+/// A pointer is not aligned for its element type.
+pub const IOTCOMPRESS_ERR_MISALIGNED: IotcompressStatus = 101;
+/// Two buffers overlap where one of them is written.
+pub const IOTCOMPRESS_ERR_OVERLAP: IotcompressStatus = 102;
+/// The compressor state was not set up by `iotcompress_init` (or was overwritten).
+pub const IOTCOMPRESS_ERR_BAD_STATE: IotcompressStatus = 103;
+/// An error this version of the C layer has no code for (a newer core); report it.
+pub const IOTCOMPRESS_ERR_UNKNOWN: IotcompressStatus = 127;
+
+/// The status codes inside this crate (the `IOTCOMPRESS_*` constants are their values).
+#[repr(i32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Status {
+    Ok = IOTCOMPRESS_OK,
+    ErrTruncated = IOTCOMPRESS_ERR_TRUNCATED,
+    ErrTrailingBytes = IOTCOMPRESS_ERR_TRAILING_BYTES,
+    ErrBadMagic = IOTCOMPRESS_ERR_BAD_MAGIC,
+    ErrUnsupportedVersion = IOTCOMPRESS_ERR_UNSUPPORTED_VERSION,
+    ErrUnknownCodec = IOTCOMPRESS_ERR_UNKNOWN_CODEC,
+    ErrBadVarint = IOTCOMPRESS_ERR_BAD_VARINT,
+    ErrBadEntryCount = IOTCOMPRESS_ERR_BAD_ENTRY_COUNT,
+    ErrIndexOutOfRange = IOTCOMPRESS_ERR_INDEX_OUT_OF_RANGE,
+    ErrNonZeroPadding = IOTCOMPRESS_ERR_NON_ZERO_PADDING,
+    ErrBadScale = IOTCOMPRESS_ERR_BAD_SCALE,
+    ErrBadValue = IOTCOMPRESS_ERR_BAD_VALUE,
+    ErrChecksumMismatch = IOTCOMPRESS_ERR_CHECKSUM_MISMATCH,
+    ErrNumelMismatch = IOTCOMPRESS_ERR_NUMEL_MISMATCH,
+    ErrTooLarge = IOTCOMPRESS_ERR_TOO_LARGE,
+    ErrBufferTooSmall = IOTCOMPRESS_ERR_BUFFER_TOO_SMALL,
+    ErrScratchTooSmall = IOTCOMPRESS_ERR_SCRATCH_TOO_SMALL,
+    ErrLengthMismatch = IOTCOMPRESS_ERR_LENGTH_MISMATCH,
+    ErrNonFiniteGradient = IOTCOMPRESS_ERR_NON_FINITE_GRADIENT,
+    ErrOverflow = IOTCOMPRESS_ERR_OVERFLOW,
+    ErrInvalidConfig = IOTCOMPRESS_ERR_INVALID_CONFIG,
+    ErrNullPointer = IOTCOMPRESS_ERR_NULL_POINTER,
+    ErrMisaligned = IOTCOMPRESS_ERR_MISALIGNED,
+    ErrOverlap = IOTCOMPRESS_ERR_OVERLAP,
+    ErrBadState = IOTCOMPRESS_ERR_BAD_STATE,
+    ErrUnknown = IOTCOMPRESS_ERR_UNKNOWN,
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        match e {
+            Error::Truncated => Status::ErrTruncated,
+            Error::TrailingBytes => Status::ErrTrailingBytes,
+            Error::BadMagic => Status::ErrBadMagic,
+            Error::UnsupportedVersion => Status::ErrUnsupportedVersion,
+            Error::UnknownCodec => Status::ErrUnknownCodec,
+            Error::BadVarint => Status::ErrBadVarint,
+            Error::BadEntryCount => Status::ErrBadEntryCount,
+            Error::IndexOutOfRange => Status::ErrIndexOutOfRange,
+            Error::NonZeroPadding => Status::ErrNonZeroPadding,
+            Error::BadScale => Status::ErrBadScale,
+            Error::BadValue => Status::ErrBadValue,
+            Error::ChecksumMismatch => Status::ErrChecksumMismatch,
+            Error::NumelMismatch => Status::ErrNumelMismatch,
+            Error::TooLarge => Status::ErrTooLarge,
+            Error::BufferTooSmall => Status::ErrBufferTooSmall,
+            Error::ScratchTooSmall => Status::ErrScratchTooSmall,
+            Error::LengthMismatch => Status::ErrLengthMismatch,
+            Error::NonFiniteGradient => Status::ErrNonFiniteGradient,
+            Error::Overflow => Status::ErrOverflow,
+            Error::InvalidConfig => Status::ErrInvalidConfig,
+            _ => Status::ErrUnknown,
+        }
+    }
+}
+
+/// Name and message of each code, NUL-terminated for C.
+const STATUS_TEXT: [(Status, &CStr, &CStr); 25] = [
+    (Status::Ok, c"IOTCOMPRESS_OK", c"success"),
+    (
+        Status::ErrTruncated,
+        c"IOTCOMPRESS_ERR_TRUNCATED",
+        c"message is truncated",
+    ),
+    (
+        Status::ErrTrailingBytes,
+        c"IOTCOMPRESS_ERR_TRAILING_BYTES",
+        c"message has trailing bytes",
+    ),
+    (
+        Status::ErrBadMagic,
+        c"IOTCOMPRESS_ERR_BAD_MAGIC",
+        c"not an iotcompress message (bad magic)",
+    ),
+    (
+        Status::ErrUnsupportedVersion,
+        c"IOTCOMPRESS_ERR_UNSUPPORTED_VERSION",
+        c"unsupported wire format version",
+    ),
+    (
+        Status::ErrUnknownCodec,
+        c"IOTCOMPRESS_ERR_UNKNOWN_CODEC",
+        c"unknown quantiser or index coding, or reserved codec bits set",
+    ),
+    (
+        Status::ErrBadVarint,
+        c"IOTCOMPRESS_ERR_BAD_VARINT",
+        c"malformed varint in header",
+    ),
+    (
+        Status::ErrBadEntryCount,
+        c"IOTCOMPRESS_ERR_BAD_ENTRY_COUNT",
+        c"entry count is inconsistent with the element count or index block",
+    ),
+    (
+        Status::ErrIndexOutOfRange,
+        c"IOTCOMPRESS_ERR_INDEX_OUT_OF_RANGE",
+        c"an index points past the end of the tensor",
+    ),
+    (
+        Status::ErrNonZeroPadding,
+        c"IOTCOMPRESS_ERR_NON_ZERO_PADDING",
+        c"padding bits are not zero",
+    ),
+    (
+        Status::ErrBadScale,
+        c"IOTCOMPRESS_ERR_BAD_SCALE",
+        c"scale is negative or not finite, or QSGD levels are zero",
+    ),
+    (
+        Status::ErrBadValue,
+        c"IOTCOMPRESS_ERR_BAD_VALUE",
+        c"a value is not finite or a code is outside its alphabet",
+    ),
+    (
+        Status::ErrChecksumMismatch,
+        c"IOTCOMPRESS_ERR_CHECKSUM_MISMATCH",
+        c"checksum mismatch: the message was corrupted",
+    ),
+    (
+        Status::ErrNumelMismatch,
+        c"IOTCOMPRESS_ERR_NUMEL_MISMATCH",
+        c"message element count differs from the expected one",
+    ),
+    (
+        Status::ErrTooLarge,
+        c"IOTCOMPRESS_ERR_TOO_LARGE",
+        c"message element count exceeds the allowed maximum",
+    ),
+    (
+        Status::ErrBufferTooSmall,
+        c"IOTCOMPRESS_ERR_BUFFER_TOO_SMALL",
+        c"output buffer is too small",
+    ),
+    (
+        Status::ErrScratchTooSmall,
+        c"IOTCOMPRESS_ERR_SCRATCH_TOO_SMALL",
+        c"scratch buffer is too small",
+    ),
+    (
+        Status::ErrLengthMismatch,
+        c"IOTCOMPRESS_ERR_LENGTH_MISMATCH",
+        c"buffer length differs from what the compressor needs",
+    ),
+    (
+        Status::ErrNonFiniteGradient,
+        c"IOTCOMPRESS_ERR_NON_FINITE_GRADIENT",
+        c"gradient contains NaN or infinity (state left unchanged)",
+    ),
+    (
+        Status::ErrOverflow,
+        c"IOTCOMPRESS_ERR_OVERFLOW",
+        c"accumulated gradient overflowed float32",
+    ),
+    (
+        Status::ErrInvalidConfig,
+        c"IOTCOMPRESS_ERR_INVALID_CONFIG",
+        c"invalid compressor configuration",
+    ),
+    (
+        Status::ErrNullPointer,
+        c"IOTCOMPRESS_ERR_NULL_POINTER",
+        c"a required pointer is NULL",
+    ),
+    (
+        Status::ErrMisaligned,
+        c"IOTCOMPRESS_ERR_MISALIGNED",
+        c"a pointer is not aligned for its element type",
+    ),
+    (
+        Status::ErrOverlap,
+        c"IOTCOMPRESS_ERR_OVERLAP",
+        c"two buffers overlap where one of them is written",
+    ),
+    (
+        Status::ErrBadState,
+        c"IOTCOMPRESS_ERR_BAD_STATE",
+        c"compressor state is not initialised (iotcompress_init)",
+    ),
+];
+
+const UNKNOWN_TEXT: (&CStr, &CStr) = (c"IOTCOMPRESS_ERR_UNKNOWN", c"unknown error code");
+
+fn status_text(code: i32) -> (&'static CStr, &'static CStr) {
+    STATUS_TEXT
+        .iter()
+        .find(|(s, _, _)| *s as i32 == code)
+        .map_or(UNKNOWN_TEXT, |&(_, name, message)| (name, message))
+}
+
+// --- enum values of the configuration ------------------------------------------------------
+
+/// Selection rule of `IotcompressConfig.selection`.
+pub type IotcompressSelection = u32;
+/// Send every element.
+pub const IOTCOMPRESS_SELECT_DENSE: IotcompressSelection = 0;
+/// Send `|v| >= threshold` (field `threshold`).
+pub const IOTCOMPRESS_SELECT_THRESHOLD: IotcompressSelection = 1;
+/// Send the `ceil(density * numel)` largest magnitudes (fields `density`, `exact`).
+pub const IOTCOMPRESS_SELECT_TOPK: IotcompressSelection = 2;
+/// Threshold adapted step to step towards a density (field `density`).
+pub const IOTCOMPRESS_SELECT_ADAPTIVE_DENSITY: IotcompressSelection = 3;
+/// Threshold adapted step to step towards a message size (field `target_bytes`).
+pub const IOTCOMPRESS_SELECT_ADAPTIVE_BYTES: IotcompressSelection = 4;
+
+/// Value quantiser of `IotcompressConfig.quant` and `IotcompressHeader.quant`; the
+/// values are the wire ids (`docs/wire-format.md`).
+pub type IotcompressQuant = u32;
+/// float32 values.
+pub const IOTCOMPRESS_QUANT_F32: IotcompressQuant = 0;
+/// IEEE half precision.
+pub const IOTCOMPRESS_QUANT_F16: IotcompressQuant = 1;
+/// bfloat16.
+pub const IOTCOMPRESS_QUANT_BF16: IotcompressQuant = 2;
+/// 8-bit integers and one scale per message.
+pub const IOTCOMPRESS_QUANT_INT8: IotcompressQuant = 3;
+/// 4-bit integers and one scale per message.
+pub const IOTCOMPRESS_QUANT_INT4: IotcompressQuant = 4;
+/// One sign bit per value and one magnitude per message.
+pub const IOTCOMPRESS_QUANT_SIGN: IotcompressQuant = 5;
+/// Stochastic ternary (TernGrad).
+pub const IOTCOMPRESS_QUANT_TERNARY: IotcompressQuant = 6;
+/// Stochastic QSGD with `qsgd_levels` levels (1..=255).
+pub const IOTCOMPRESS_QUANT_QSGD: IotcompressQuant = 7;
+
+/// Momentum correction of `IotcompressConfig.momentum_kind`.
+pub type IotcompressMomentum = u32;
+/// Plain error feedback.
+pub const IOTCOMPRESS_MOMENTUM_NONE: IotcompressMomentum = 0;
+/// DGC momentum correction with factor `momentum`.
+pub const IOTCOMPRESS_MOMENTUM_VANILLA: IotcompressMomentum = 1;
+/// DGC Nesterov momentum correction with factor `momentum`.
+pub const IOTCOMPRESS_MOMENTUM_NESTEROV: IotcompressMomentum = 2;
+
+/// Element type of the residual and velocity buffers (`IotcompressConfig.state_format`).
+pub type IotcompressStateFormat = u32;
+/// float32 residual and velocity: the only format of this version. Compact formats
+/// (f16/bf16, int8 with a scale) are reserved for a later version.
+pub const IOTCOMPRESS_STATE_F32: IotcompressStateFormat = 0;
+
+/// Index coding of `IotcompressHeader.index_coding` (wire ids).
+pub type IotcompressIndexCoding = u32;
+/// Every element is sent: no index block.
+pub const IOTCOMPRESS_INDEX_DENSE: IotcompressIndexCoding = 0;
+/// One bit per element.
+pub const IOTCOMPRESS_INDEX_BITMAP: IotcompressIndexCoding = 1;
+/// Golomb-Rice coded gaps with parameter `rice_k`.
+pub const IOTCOMPRESS_INDEX_RICE: IotcompressIndexCoding = 2;
+
+/// The wire format version this library writes and reads.
+pub const IOTCOMPRESS_WIRE_VERSION: u32 = 1;
+const _: () = assert!(IOTCOMPRESS_WIRE_VERSION == iotcompress_core::wire::VERSION as u32);
+/// Value of `IotcompressCompressor.magic` after `iotcompress_init` ("ICS1").
+pub const IOTCOMPRESS_STATE_MAGIC: u32 = 0x4943_5331;
+
+// --- structs -----------------------------------------------------------------------------
+
+/// Everything that shapes a message. Start from `iotcompress_config_default`, then set
+/// the fields the selection and quantiser use; the others are ignored.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct IotcompressConfig {
+    /// Fraction of elements to send, in (0, 1]: `IOTCOMPRESS_SELECT_TOPK` and
+    /// `IOTCOMPRESS_SELECT_ADAPTIVE_DENSITY`.
+    pub density: f64,
+    /// Seed of the sampling and stochastic-rounding streams.
+    pub seed: u64,
+    /// One of `IOTCOMPRESS_SELECT_*`.
+    pub selection: IotcompressSelection,
+    /// Threshold `Wt >= 0`: `IOTCOMPRESS_SELECT_THRESHOLD`.
+    pub threshold: f32,
+    /// Message size to aim at, > 0: `IOTCOMPRESS_SELECT_ADAPTIVE_BYTES`.
+    pub target_bytes: u32,
+    /// Non-zero: exact top-k over all magnitudes; zero: DGC's sampled estimate.
+    pub exact: u32,
+    /// One of `IOTCOMPRESS_QUANT_*`.
+    pub quant: IotcompressQuant,
+    /// QSGD level count, 1..=255 (`IOTCOMPRESS_QUANT_QSGD` only).
+    pub qsgd_levels: u32,
+    /// One of `IOTCOMPRESS_MOMENTUM_*`.
+    pub momentum_kind: IotcompressMomentum,
+    /// Momentum factor in [0, 1) (ignored with `IOTCOMPRESS_MOMENTUM_NONE`).
+    pub momentum: f32,
+    /// `IOTCOMPRESS_STATE_F32` (reserved for compact state formats; others are rejected).
+    pub state_format: IotcompressStateFormat,
+    /// Must be 0.
+    pub reserved: u32,
+}
+
+/// The compressor: configuration and counters, no tensors. Set up by `iotcompress_init`;
+/// every call validates it, so the fields may be changed between steps (a new threshold,
+/// a warm-up schedule) and a checkpoint is a copy of the struct plus the residual and
+/// velocity buffers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct IotcompressCompressor {
+    /// The configuration (re-validated on every call).
+    pub config: IotcompressConfig,
+    /// Messages produced so far: it seeds each message's random streams.
+    pub step: u64,
+    /// `IOTCOMPRESS_STATE_MAGIC` once initialised.
+    pub magic: u32,
+    /// Elements per gradient.
+    pub numel: u32,
+    /// Adaptive selections: the current threshold (0 before the first step).
+    pub adaptive_threshold: f32,
+    /// Adaptive selections: measured bits per sent entry of the last message.
+    pub adaptive_bits_per_entry: f32,
+}
+
+/// How large the caller's buffers must be for a configuration and element count.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IotcompressSizes {
+    /// `sizeof(IotcompressCompressor)` as this library was built.
+    pub state_size: usize,
+    /// Residual elements (`float`): `numel`.
+    pub residual_len: usize,
+    /// Velocity elements (`float`): `numel` with momentum, 0 without.
+    pub velocity_len: usize,
+    /// Scratch words (`uint32_t`), never more than `numel`.
+    pub scratch_len: usize,
+    /// The largest message this configuration can produce: size the output buffer with it.
+    pub max_message_len: usize,
+}
+
+/// The caller-owned tensors of one compressor. A pointer may be NULL only when its length
+/// is 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct IotcompressBuffers {
+    /// Error-feedback residual, `residual_len` floats, zeros before the first step.
+    pub residual: *mut f32,
+    /// Elements of `residual`.
+    pub residual_len: usize,
+    /// Momentum velocity, `velocity_len` floats, zeros before the first step (NULL
+    /// without momentum).
+    pub velocity: *mut f32,
+    /// Elements of `velocity`.
+    pub velocity_len: usize,
+    /// Working space; its contents do not matter between calls.
+    pub scratch: *mut u32,
+    /// Elements of `scratch`.
+    pub scratch_len: usize,
+}
+
+/// What one call of `iotcompress_compress` produced.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IotcompressStepInfo {
+    /// Bytes of the message, written at the start of the output buffer.
+    pub bytes: usize,
+    /// Entries sent.
+    pub nnz: usize,
+}
+
+/// The header of a verified message (`iotcompress_parse`, `iotcompress_decode_add`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct IotcompressHeader {
+    /// Elements of the dense tensor.
+    pub numel: u32,
+    /// Entries sent.
+    pub nnz: u32,
+    /// One of `IOTCOMPRESS_QUANT_*`.
+    pub quant: IotcompressQuant,
+    /// QSGD level count (0 for the other quantisers).
+    pub qsgd_levels: u32,
+    /// One of `IOTCOMPRESS_INDEX_*`.
+    pub index_coding: IotcompressIndexCoding,
+    /// Golomb-Rice parameter (0 unless `IOTCOMPRESS_INDEX_RICE`).
+    pub rice_k: u32,
+    /// The message scale (0 for f32/f16/bf16).
+    pub scale: f32,
+    /// Random stream of the stochastic quantisers (0 for the others).
+    pub stream: u32,
+    /// Bytes of the header.
+    pub header_len: usize,
+    /// Bytes of the index block.
+    pub index_len: usize,
+    /// Bytes of the value block.
+    pub values_len: usize,
+    /// Bytes of the whole message, checksum included.
+    pub message_len: usize,
+}
+
+// --- conversions (no unsafe) ---------------------------------------------------------------
+
+impl IotcompressConfig {
+    /// Dense selection, f32 values, no momentum, seed 0.
+    const DEFAULT: IotcompressConfig = IotcompressConfig {
+        density: 0.0,
+        seed: 0,
+        selection: IOTCOMPRESS_SELECT_DENSE,
+        threshold: 0.0,
+        target_bytes: 0,
+        exact: 0,
+        quant: IOTCOMPRESS_QUANT_F32,
+        qsgd_levels: 0,
+        momentum_kind: IOTCOMPRESS_MOMENTUM_NONE,
+        momentum: 0.0,
+        state_format: IOTCOMPRESS_STATE_F32,
+        reserved: 0,
+    };
+
+    /// The core configuration, or `ErrInvalidConfig`.
+    fn core_config(&self) -> Result<Config, Status> {
+        let selection = match self.selection {
+            IOTCOMPRESS_SELECT_DENSE => Selection::Dense,
+            IOTCOMPRESS_SELECT_THRESHOLD => Selection::Threshold(self.threshold),
+            IOTCOMPRESS_SELECT_TOPK => Selection::TopK {
+                density: self.density,
+                exact: self.exact != 0,
+            },
+            IOTCOMPRESS_SELECT_ADAPTIVE_DENSITY => {
+                Selection::Adaptive(Target::Density(self.density))
+            }
+            IOTCOMPRESS_SELECT_ADAPTIVE_BYTES => {
+                Selection::Adaptive(Target::Bytes(self.target_bytes))
+            }
+            _ => return Err(Status::ErrInvalidConfig),
+        };
+        let quant = match self.quant {
+            IOTCOMPRESS_QUANT_F32 => Quant::F32,
+            IOTCOMPRESS_QUANT_F16 => Quant::F16,
+            IOTCOMPRESS_QUANT_BF16 => Quant::Bf16,
+            IOTCOMPRESS_QUANT_INT8 => Quant::Int8,
+            IOTCOMPRESS_QUANT_INT4 => Quant::Int4,
+            IOTCOMPRESS_QUANT_SIGN => Quant::Sign,
+            IOTCOMPRESS_QUANT_TERNARY => Quant::Ternary,
+            IOTCOMPRESS_QUANT_QSGD => match u8::try_from(self.qsgd_levels) {
+                Ok(levels) if levels > 0 => Quant::Qsgd { levels },
+                _ => return Err(Status::ErrInvalidConfig),
+            },
+            _ => return Err(Status::ErrInvalidConfig),
+        };
+        let momentum = match self.momentum_kind {
+            IOTCOMPRESS_MOMENTUM_NONE => Momentum::None,
+            IOTCOMPRESS_MOMENTUM_VANILLA => Momentum::Vanilla(self.momentum),
+            IOTCOMPRESS_MOMENTUM_NESTEROV => Momentum::Nesterov(self.momentum),
+            _ => return Err(Status::ErrInvalidConfig),
+        };
+        if self.state_format != IOTCOMPRESS_STATE_F32 || self.reserved != 0 {
+            return Err(Status::ErrInvalidConfig);
+        }
+        let config = Config {
+            selection,
+            quant,
+            momentum,
+            seed: self.seed,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+impl IotcompressCompressor {
+    /// The core compressor with this state's counters. `Compressor` is configuration plus
+    /// `step` and `controller`, all carried here (a test in `tests/abi.rs` notices if the
+    /// core's struct grows).
+    fn core_compressor(&self) -> Result<Compressor, Status> {
+        if self.magic != IOTCOMPRESS_STATE_MAGIC {
+            return Err(Status::ErrBadState);
+        }
+        let mut c = Compressor::new(self.config.core_config()?, self.numel as usize)?;
+        c.step = self.step;
+        c.controller = ThresholdController {
+            threshold: self.adaptive_threshold,
+            bits_per_entry: self.adaptive_bits_per_entry,
+        };
+        Ok(c)
+    }
+
+    /// Writes the counters back after a step.
+    fn store(&mut self, c: &Compressor) {
+        self.step = c.step;
+        self.adaptive_threshold = c.controller.threshold;
+        self.adaptive_bits_per_entry = c.controller.bits_per_entry;
+    }
+}
+
+fn sizes_of(c: &Compressor) -> IotcompressSizes {
+    IotcompressSizes {
+        state_size: size_of::<IotcompressCompressor>(),
+        residual_len: c.numel(),
+        velocity_len: c.velocity_len(),
+        scratch_len: c.scratch_len(),
+        max_message_len: c.max_message_len(),
+    }
+}
+
+fn header_of(h: &Header, len: usize, index_len: usize, values_len: usize) -> IotcompressHeader {
+    IotcompressHeader {
+        numel: h.numel,
+        nnz: h.nnz,
+        quant: h.quant.id() as u32,
+        qsgd_levels: h.quant.levels() as u32,
+        index_coding: h.index.id() as u32,
+        rice_k: match h.index {
+            IndexCoding::Rice { k } => k as u32,
+            _ => 0,
+        },
+        scale: h.scale,
+        stream: h.stream,
+        header_len: h.encoded_len(),
+        index_len,
+        values_len,
+        message_len: len,
+    }
+}
+
+fn status(r: Result<(), Status>) -> IotcompressStatus {
+    match r {
+        Ok(()) => IOTCOMPRESS_OK,
+        Err(s) => s as IotcompressStatus,
+    }
+}
+
+// --- raw pointers: the only unsafe code of the project -------------------------------------
+
+/// A byte range `[start, end)` of a buffer, for the overlap checks.
+#[derive(Clone, Copy)]
+struct Span(usize, usize);
+
+impl Span {
+    fn of<T>(ptr: *const T, len: usize) -> Span {
+        let start = ptr as usize;
+        Span(
+            start,
+            start.saturating_add(len.saturating_mul(size_of::<T>())),
+        )
+    }
+
+    fn overlaps(self, other: Span) -> bool {
+        self.0 < self.1 && other.0 < other.1 && self.0 < other.1 && other.0 < self.1
+    }
+}
+
+/// Checks what can be checked of a (pointer, length) pair: NULL only when empty, alignment,
+/// and a byte size that fits `isize`.
+fn check_ptr<T>(ptr: *const T, len: usize) -> Result<(), Status> {
+    if ptr.is_null() {
+        return if len == 0 {
+            Ok(())
+        } else {
+            Err(Status::ErrNullPointer)
+        };
+    }
+    // `ptr.is_aligned()` and `is_multiple_of` are newer than Debian's rustc (1.85), which
+    // builds this crate for Cortex-M.
+    #[allow(clippy::manual_is_multiple_of)]
+    if (ptr as usize) % align_of::<T>() != 0 {
+        return Err(Status::ErrMisaligned);
+    }
+    if len > isize::MAX as usize / size_of::<T>().max(1) {
+        return Err(Status::ErrLengthMismatch);
+    }
+    Ok(())
+}
+
+/// A shared slice from C.
+///
+/// # Safety
+/// If `ptr` is not NULL and `len > 0`, `ptr` must point at `len` initialised elements that
+/// nothing writes while the returned slice lives.
+unsafe fn slice<'a, T>(ptr: *const T, len: usize) -> Result<&'a [T], Status> {
+    check_ptr(ptr, len)?;
+    if len == 0 {
+        return Ok(&[]);
+    }
+    // SAFETY: `ptr` is non-null and aligned and `len * size_of::<T>() <= isize::MAX` (checked
+    // above); that it points at `len` live, initialised elements not written meanwhile is
+    // the caller's contract, stated on every public function.
+    Ok(unsafe { core::slice::from_raw_parts(ptr, len) })
+}
+
+/// A mutable slice from C.
+///
+/// # Safety
+/// If `ptr` is not NULL and `len > 0`, `ptr` must point at `len` initialised elements that
+/// nothing else reads or writes while the returned slice lives.
+unsafe fn slice_mut<'a, T>(ptr: *mut T, len: usize) -> Result<&'a mut [T], Status> {
+    check_ptr(ptr, len)?;
+    if len == 0 {
+        return Ok(&mut []);
+    }
+    // SAFETY: as in `slice`; exclusivity towards the other buffers of the same call is
+    // checked by the callers with `Span::overlaps`, exclusivity towards other threads is the
+    // caller's contract.
+    Ok(unsafe { core::slice::from_raw_parts_mut(ptr, len) })
+}
+
+/// A shared reference from C.
+///
+/// # Safety
+/// If not NULL, `ptr` must point at a live `T` that nothing writes meanwhile.
+unsafe fn reference<'a, T>(ptr: *const T) -> Result<&'a T, Status> {
+    check_ptr(ptr, 1)?;
+    // SAFETY: non-null and aligned (checked); every `T` used here is a `repr(C)` struct of
+    // integers, floats and raw pointers, so any initialised bit pattern is a valid value.
+    unsafe { ptr.as_ref() }.ok_or(Status::ErrNullPointer)
+}
+
+/// A mutable reference from C.
+///
+/// # Safety
+/// If not NULL, `ptr` must point at a live `T` that nothing else accesses meanwhile.
+unsafe fn reference_mut<'a, T>(ptr: *mut T) -> Result<&'a mut T, Status> {
+    check_ptr(ptr, 1)?;
+    // SAFETY: as in `reference`, plus exclusivity (caller's contract, and overlap checks
+    // against the other arguments where they could coincide).
+    unsafe { ptr.as_mut() }.ok_or(Status::ErrNullPointer)
+}
+
+/// Writes `value` through an optional out-pointer (NULL: nothing to do).
+///
+/// # Safety
+/// If not NULL, `ptr` must be valid for a write of one `T`.
+unsafe fn write_opt<T>(ptr: *mut T, value: T) -> Result<(), Status> {
+    if ptr.is_null() {
+        return Ok(());
+    }
+    check_ptr(ptr, 1)?;
+    // SAFETY: non-null and aligned (checked), valid for writes (caller's contract); `T` is
+    // `Copy` plain data, so overwriting without dropping the old value is fine.
+    unsafe { ptr.write(value) };
+    Ok(())
+}
+
+// --- the C functions -----------------------------------------------------------------------
+
+/// Fills `*config` with the defaults: dense selection, f32 values, no momentum, seed 0,
+/// float32 state.
+///
+/// Returns `IOTCOMPRESS_ERR_NULL_POINTER` if `config` is NULL.
+///
+/// # Safety
+/// `config` must be NULL or point at writable memory for one `IotcompressConfig`.
+#[no_mangle]
+pub unsafe extern "C" fn iotcompress_config_default(
+    config: *mut IotcompressConfig,
+) -> IotcompressStatus {
+    if config.is_null() {
+        return IOTCOMPRESS_ERR_NULL_POINTER;
+    }
+    // SAFETY: forwarded contract: `config` is writable for one `IotcompressConfig`.
+    status(unsafe { write_opt(config, IotcompressConfig::DEFAULT) })
+}
+
+/// Reports the buffer sizes a compressor with `config` and `numel` elements needs (and
+/// validates the configuration): the residual, velocity and scratch element counts, the
+/// largest message and `sizeof(IotcompressCompressor)`.
+///
+/// Returns `IOTCOMPRESS_ERR_INVALID_CONFIG` for an out-of-range option or unknown enum value,
+/// `IOTCOMPRESS_ERR_NULL_POINTER` if `config` or `sizes` is NULL.
+///
+/// # Safety
+/// `config` must be NULL or point at a readable `IotcompressConfig`; `sizes` must be NULL or
+/// point at writable memory for one `IotcompressSizes`.
+#[no_mangle]
+pub unsafe extern "C" fn iotcompress_sizes(
+    config: *const IotcompressConfig,
+    numel: u32,
+    sizes: *mut IotcompressSizes,
+) -> IotcompressStatus {
+    // SAFETY: forwarded contract.
+    status(unsafe { sizes_impl(config, numel, sizes) })
+}
+
+/// The body of `iotcompress_sizes`.
+///
+/// # Safety
+/// As for `iotcompress_sizes`.
+unsafe fn sizes_impl(
+    config: *const IotcompressConfig,
+    numel: u32,
+    sizes: *mut IotcompressSizes,
+) -> Result<(), Status> {
+    if sizes.is_null() {
+        return Err(Status::ErrNullPointer);
+    }
+    // SAFETY: forwarded contract: `config` is NULL or readable.
+    let config = unsafe { reference(config) }?;
+    let c = Compressor::new(config.core_config()?, numel as usize)?;
+    // SAFETY: forwarded contract: `sizes` is writable.
+    unsafe { write_opt(sizes, sizes_of(&c)) }
+}
+
+/// `sizeof(IotcompressCompressor)` as the library was built: compare it with the
+/// header's `sizeof` to catch a header/library mismatch.
+#[no_mangle]
+pub extern "C" fn iotcompress_state_size() -> usize {
+    size_of::<IotcompressCompressor>()
+}
+
+/// Sets up `*state` for gradients of `numel` elements with `config` (copied), step 0.
+/// The residual (and velocity) buffers must be zeroed by the caller before the first step.
+///
+/// Returns `IOTCOMPRESS_ERR_INVALID_CONFIG` for a bad configuration (then `*state` is left
+/// as it was), `IOTCOMPRESS_ERR_NULL_POINTER` for a NULL argument.
+///
+/// # Safety
+/// `state` must be NULL or point at writable memory for one `IotcompressCompressor`;
+/// `config` must be NULL or point at a readable `IotcompressConfig`.
+#[no_mangle]
+pub unsafe extern "C" fn iotcompress_init(
+    state: *mut IotcompressCompressor,
+    config: *const IotcompressConfig,
+    numel: u32,
+) -> IotcompressStatus {
+    // SAFETY: forwarded contract.
+    status(unsafe { init_impl(state, config, numel) })
+}
+
+/// The body of `iotcompress_init`.
+///
+/// # Safety
+/// As for `iotcompress_init`.
+unsafe fn init_impl(
+    state: *mut IotcompressCompressor,
+    config: *const IotcompressConfig,
+    numel: u32,
+) -> Result<(), Status> {
+    if state.is_null() {
+        return Err(Status::ErrNullPointer);
+    }
+    // SAFETY: forwarded contract: `config` is NULL or readable.
+    let config = *unsafe { reference(config) }?;
+    Compressor::new(config.core_config()?, numel as usize)?;
+    let fresh = IotcompressCompressor {
+        config,
+        step: 0,
+        magic: IOTCOMPRESS_STATE_MAGIC,
+        numel,
+        adaptive_threshold: 0.0,
+        adaptive_bits_per_entry: 0.0,
+    };
+    // SAFETY: forwarded contract: `state` is writable.
+    unsafe { write_opt(state, fresh) }
+}
+
+/// Compresses one gradient: accumulates `grad` into the residual (error feedback, with
+/// momentum if configured), selects, quantises and writes one wire-format message at the
+/// start of `out`; updates the residual, velocity and the counters in `*state`.
+///
+/// `grad_len` must equal the state's `numel`, `bufs` must have the lengths of
+/// `iotcompress_sizes` (residual exactly `numel`, velocity and scratch at least their
+/// counts), and `out_cap` must be at least `max_message_len`. On success `*info` (if not
+/// NULL) receives the message length and entry count.
+///
+/// Errors: `IOTCOMPRESS_ERR_NON_FINITE_GRADIENT` (state unchanged),
+/// `IOTCOMPRESS_ERR_OVERFLOW` (the residual now holds infinities),
+/// `IOTCOMPRESS_ERR_LENGTH_MISMATCH`, `IOTCOMPRESS_ERR_SCRATCH_TOO_SMALL`,
+/// `IOTCOMPRESS_ERR_BUFFER_TOO_SMALL`, `IOTCOMPRESS_ERR_BAD_STATE`,
+/// `IOTCOMPRESS_ERR_INVALID_CONFIG` (a field of `state->config` was changed to a bad value),
+/// `IOTCOMPRESS_ERR_NULL_POINTER`, `IOTCOMPRESS_ERR_MISALIGNED`, `IOTCOMPRESS_ERR_OVERLAP`.
+/// Length, pointer and state errors leave every buffer unchanged.
+///
+/// # Safety
+/// Every non-NULL pointer must point at as many live elements as its length says (`state`,
+/// `bufs` and `info` one struct each), and no other thread may access them during the call.
+#[no_mangle]
+pub unsafe extern "C" fn iotcompress_compress(
+    state: *mut IotcompressCompressor,
+    bufs: *const IotcompressBuffers,
+    grad: *const f32,
+    grad_len: usize,
+    out: *mut u8,
+    out_cap: usize,
+    info: *mut IotcompressStepInfo,
+) -> IotcompressStatus {
+    // SAFETY: forwarded contract.
+    status(unsafe { compress_impl(state, bufs, grad, grad_len, out, out_cap, info) })
+}
+
+/// The body of `iotcompress_compress`.
+///
+/// # Safety
+/// As for `iotcompress_compress`.
+unsafe fn compress_impl(
+    state: *mut IotcompressCompressor,
+    bufs: *const IotcompressBuffers,
+    grad: *const f32,
+    grad_len: usize,
+    out: *mut u8,
+    out_cap: usize,
+    info: *mut IotcompressStepInfo,
+) -> Result<(), Status> {
+    if state.is_null() || bufs.is_null() || grad.is_null() || out.is_null() {
+        return Err(Status::ErrNullPointer);
+    }
+    // SAFETY: forwarded contract: `bufs` is readable.
+    let b = *unsafe { reference(bufs) }?;
+    let written = [
+        Span::of(b.residual, b.residual_len),
+        Span::of(b.velocity, b.velocity_len),
+        Span::of(b.scratch, b.scratch_len),
+        Span::of(out, out_cap),
+        Span::of(state, 1),
+        Span::of(info, usize::from(!info.is_null())),
+    ];
+    let read = [Span::of(grad, grad_len), Span::of(bufs, 1)];
+    for (i, w) in written.iter().enumerate() {
+        if written[i + 1..]
+            .iter()
+            .chain(read.iter())
+            .any(|o| w.overlaps(*o))
+        {
+            return Err(Status::ErrOverlap);
+        }
+    }
+    // The regions written were checked pairwise disjoint and disjoint from the ones read, so
+    // the references below do not alias.
+    // SAFETY: forwarded contract: `state` is writable for one struct.
+    let st = unsafe { reference_mut(state) }?;
+    // SAFETY: forwarded contract: `residual` holds `residual_len` floats.
+    let residual = unsafe { slice_mut(b.residual, b.residual_len) }?;
+    // SAFETY: forwarded contract: `velocity` holds `velocity_len` floats (or is empty).
+    let velocity = unsafe { slice_mut(b.velocity, b.velocity_len) }?;
+    // SAFETY: forwarded contract: `scratch` holds `scratch_len` words.
+    let scratch = unsafe { slice_mut(b.scratch, b.scratch_len) }?;
+    // SAFETY: forwarded contract: `grad` holds `grad_len` floats, not written meanwhile.
+    let grad = unsafe { slice(grad, grad_len) }?;
+    // SAFETY: forwarded contract: `out` holds `out_cap` writable bytes.
+    let out = unsafe { slice_mut(out, out_cap) }?;
+    let mut c = st.core_compressor()?;
+    let bufs = Buffers {
+        residual,
+        velocity,
+        scratch,
+    };
+    let step = c.compress(bufs, grad, out)?;
+    st.store(&c);
+    let step = IotcompressStepInfo {
+        bytes: step.bytes,
+        nnz: step.nnz,
+    };
+    // SAFETY: forwarded contract: `info` is NULL or writable.
+    unsafe { write_opt(info, step) }
+}
+
+/// Adds `scale * value` of every entry of message `msg` into `out[index]` (a server summing
+/// the devices' messages, or a device applying an update). All or nothing: the message is
+/// verified completely (framing, checksum, every index and code) before `out` is touched, so
+/// on error `out` is unchanged. `out_len` must equal the message's element count
+/// (`IOTCOMPRESS_ERR_NUMEL_MISMATCH` otherwise). If `header` is not NULL it receives the
+/// parsed header on success.
+///
+/// # Safety
+/// `msg` must point at `msg_len` readable bytes and `out` at `out_len` writable floats (either
+/// may be NULL only with length 0); `header` must be NULL or writable for one struct.
+#[no_mangle]
+pub unsafe extern "C" fn iotcompress_decode_add(
+    msg: *const u8,
+    msg_len: usize,
+    out: *mut f32,
+    out_len: usize,
+    scale: f32,
+    header: *mut IotcompressHeader,
+) -> IotcompressStatus {
+    // SAFETY: forwarded contract.
+    status(unsafe { decode_add_impl(msg, msg_len, out, out_len, scale, header) })
+}
+
+/// The body of `iotcompress_decode_add`.
+///
+/// # Safety
+/// As for `iotcompress_decode_add`.
+unsafe fn decode_add_impl(
+    msg: *const u8,
+    msg_len: usize,
+    out: *mut f32,
+    out_len: usize,
+    scale: f32,
+    header: *mut IotcompressHeader,
+) -> Result<(), Status> {
+    let read = Span::of(msg, msg_len);
+    let written = Span::of(out, out_len);
+    let header_span = Span::of(header, usize::from(!header.is_null()));
+    if written.overlaps(read) || header_span.overlaps(read) || header_span.overlaps(written) {
+        return Err(Status::ErrOverlap);
+    }
+    // SAFETY: forwarded contract: `msg` holds `msg_len` readable bytes.
+    let msg = unsafe { slice(msg, msg_len) }?;
+    // SAFETY: forwarded contract: `out` holds `out_len` writable floats, disjoint from `msg`
+    // (checked above).
+    let out = unsafe { slice_mut(out, out_len) }?;
+    let m = decode_add(msg, out, scale)?;
+    let h = header_of(&m.header, m.len, m.index_len(), m.values_len());
+    // SAFETY: forwarded contract: `header` is NULL or writable.
+    unsafe { write_opt(header, h) }
+}
+
+/// Verifies a message's framing, block sizes and checksum and fills `*header`, without
+/// decoding the values (the index and value codes are checked by `iotcompress_decode_add`).
+/// `max_numel` bounds the element count the caller can handle
+/// (`IOTCOMPRESS_ERR_TOO_LARGE` beyond it).
+///
+/// # Safety
+/// `msg` must point at `msg_len` readable bytes (NULL only with length 0); `header` must be
+/// NULL or writable for one struct.
+#[no_mangle]
+pub unsafe extern "C" fn iotcompress_parse(
+    msg: *const u8,
+    msg_len: usize,
+    max_numel: u32,
+    header: *mut IotcompressHeader,
+) -> IotcompressStatus {
+    // SAFETY: forwarded contract.
+    status(unsafe { parse_impl(msg, msg_len, max_numel, header) })
+}
+
+/// The body of `iotcompress_parse`.
+///
+/// # Safety
+/// As for `iotcompress_parse`.
+unsafe fn parse_impl(
+    msg: *const u8,
+    msg_len: usize,
+    max_numel: u32,
+    header: *mut IotcompressHeader,
+) -> Result<(), Status> {
+    if header.is_null() {
+        return Err(Status::ErrNullPointer);
+    }
+    if Span::of(header, 1).overlaps(Span::of(msg, msg_len)) {
+        return Err(Status::ErrOverlap);
+    }
+    // SAFETY: forwarded contract: `msg` readable for `msg_len` bytes.
+    let msg = unsafe { slice(msg, msg_len) }?;
+    let m = parse(msg, max_numel as usize)?;
+    let h = header_of(&m.header, m.len, m.index_len(), m.values_len());
+    // SAFETY: forwarded contract: `header` is writable.
+    unsafe { write_opt(header, h) }
+}
+
+/// The largest message for `numel` elements with quantiser `quant` (and `qsgd_levels` for
+/// QSGD), whatever the selection; 0 for an unknown quantiser or a level count outside
+/// 1..=255.
+#[no_mangle]
+pub extern "C" fn iotcompress_max_message_len(
+    quant: IotcompressQuant,
+    qsgd_levels: u32,
+    numel: u32,
+) -> usize {
+    let config = IotcompressConfig {
+        quant,
+        qsgd_levels,
+        ..IotcompressConfig::DEFAULT
+    };
+    match config.core_config() {
+        Ok(c) => iotcompress_core::max_encoded_len(numel as usize, c.quant),
+        Err(_) => 0,
+    }
+}
+
+/// The name of a status code, e.g. `"IOTCOMPRESS_ERR_CHECKSUM_MISMATCH"`; never NULL
+/// (`"IOTCOMPRESS_ERR_UNKNOWN"` for a value that is not a code). Static storage.
+#[no_mangle]
+pub extern "C" fn iotcompress_error_name(code: i32) -> *const c_char {
+    status_text(code).0.as_ptr()
+}
+
+/// A one-line English description of a status code; never NULL. Static storage.
+#[no_mangle]
+pub extern "C" fn iotcompress_error_message(code: i32) -> *const c_char {
+    status_text(code).1.as_ptr()
+}
+
+#[cfg(all(feature = "panic-handler", not(feature = "std"), not(test)))]
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo<'_>) -> ! {
+    // The C layer checks every argument, and the core returns errors instead of panicking on
+    // bad input: reaching this is a bug. Trap so that a debugger or the HardFault handler
+    // sees it.
+    #[cfg(target_arch = "arm")]
+    // SAFETY: `udf` only raises an undefined-instruction fault; it touches no memory.
+    unsafe {
+        core::arch::asm!("udf #0", options(noreturn, nomem, nostack))
+    }
+    #[cfg(not(target_arch = "arm"))]
+    loop {
+        core::hint::spin_loop();
+    }
+}
