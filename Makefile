@@ -9,13 +9,13 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 PY_DEPS := "maturin>=1.5,<2" "numpy>=1.21" "pytest>=7" "pytest-timeout>=2" "hypothesis>=6" "torch>=2.1" "scikit-learn>=1.0"
 
-.PHONY: demo test rust-test clippy nostd-check py-test develop deps lint fmt clean bench
+.PHONY: demo test rust-test clippy nostd-check py-test develop deps lint fmt clean bench aarch64-test
 
 demo: develop
 	$(VENV)/bin/iotcompress demo
 
 # mcu-test skips without the Cortex-M toolchain unless IOTCOMPRESS_REQUIRE_MCU=1 (CI).
-test: develop rust-test clippy nostd-check header-check py-test mcu-test
+test: develop rust-test clippy nostd-check header-check py-test mcu-test aarch64-test
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -36,6 +36,21 @@ develop: deps
 rust-test:
 	$(CARGO) test --workspace --release
 	IOTCOMPRESS_SIMD=off $(CARGO) test -p iotcompress-core --release
+
+# The NEON kernels against the scalar ones, and the golden vectors, on aarch64 under qemu-user.
+# Needs `rustup target add aarch64-unknown-linux-gnu`, gcc-aarch64-linux-gnu and qemu-user;
+# without them it skips with the reason, unless IOTCOMPRESS_REQUIRE_AARCH64=1 (CI).
+AARCH64 := aarch64-unknown-linux-gnu
+aarch64-test:
+	@if ! rustup target list --installed 2>/dev/null | grep -qx $(AARCH64) \
+	   || ! command -v aarch64-linux-gnu-gcc >/dev/null || ! command -v qemu-aarch64 >/dev/null; then \
+	  msg="aarch64-test: needs rustup target $(AARCH64), aarch64-linux-gnu-gcc and qemu-aarch64"; \
+	  if [ "$$IOTCOMPRESS_REQUIRE_AARCH64" = 1 ]; then echo "$$msg" >&2; exit 1; fi; \
+	  echo "SKIPPED $$msg"; exit 0; \
+	fi; \
+	CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
+	CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu" \
+	$(CARGO) test -p iotcompress-core --release --target $(AARCH64) --test simd --test golden
 
 clippy: | $(PY)
 	$(CARGO) clippy --workspace --all-targets -- -D warnings

@@ -91,10 +91,15 @@ proptest! {
         let mut rng = TestRng(seed | 1);
         let r: Vec<f32> = (0..n).map(|i| if i % 7 == 0 { g[(i * 3) % n] } else { rng.normal() }).collect();
         let u: Vec<f32> = if rule == Momentum::None { vec![] } else { rng.normals(n, 0.5) };
-        let want = run_accumulate(Level::Scalar, rule, &r, &u, &g, at, cap, base);
-        for level in simd_levels() {
-            let got = run_accumulate(level, rule, &r, &u, &g, at, cap, base);
-            prop_assert_eq!(&got, &want, "{:?}", level);
+        // Also with the threshold at the largest finite |v|: the only hits are exact ties.
+        let dry = run_accumulate(Level::Scalar, rule, &r, &u, &g, None, 0, 0);
+        let top = dry.1.iter().map(|b| b & 0x7fff_ffff).filter(|m| *m < 0x7f80_0000).max();
+        for at in [at, top] {
+            let want = run_accumulate(Level::Scalar, rule, &r, &u, &g, at, cap, base);
+            for level in simd_levels() {
+                let got = run_accumulate(level, rule, &r, &u, &g, at, cap, base);
+                prop_assert_eq!(&got, &want, "{:?}", level);
+            }
         }
     }
 
@@ -105,6 +110,8 @@ proptest! {
         cap in 0usize..64,
         base in any::<u32>(),
     ) {
+        // The threshold at an element's own magnitude (exact ties) as well as a random one.
+        let at = if at % 2 == 0 { x.first().map_or(at, |v| v.to_bits() & 0x7fff_ffff) } else { at };
         let want_max = kernels::scalar::max_mag(&x);
         let mut want_list = vec![u32::MAX; cap];
         let want_count = kernels::scalar::gather(&x, at, &mut want_list, base);
@@ -327,7 +334,11 @@ fn threaded_kernels_match_one_thread_when_a_share_overflows() {
 fn this_machine_runs_simd_where_the_cpu_has_it() {
     // CI runs on x86_64 with AVX2: if detection broke, the equality tests above would
     // silently compare scalar with scalar.
-    if cfg!(target_arch = "x86_64") && std::is_x86_feature_detected!("avx2") {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
         assert!(Level::all_supported().any(|l| l == Level::Avx2));
     }
+    // Every aarch64 CPU has NEON (CI runs this suite for aarch64 under qemu-user).
+    #[cfg(target_arch = "aarch64")]
+    assert!(Level::all_supported().any(|l| l == Level::Neon));
 }

@@ -1,5 +1,6 @@
 //! The hot loops of the pipeline, each written once as a plain loop ([`scalar`], the
-//! specification) and again with SIMD where the target has it (AVX2 on x86_64). The SIMD
+//! specification) and again with SIMD where the target has it (AVX2 on x86_64, NEON on
+//! aarch64). The SIMD
 //! kernels give the same bits as the scalar ones (`tests/simd.rs` checks every kernel on
 //! random and adversarial inputs), so the choice never changes a message.
 //!
@@ -17,6 +18,8 @@ use crate::feedback::Momentum;
 use crate::quant::Quant;
 use crate::Error;
 
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
 #[cfg(feature = "std")]
 pub mod parallel;
 pub mod scalar;
@@ -48,6 +51,8 @@ pub enum Level {
     Scalar,
     /// x86_64 AVX2.
     Avx2,
+    /// aarch64 NEON.
+    Neon,
 }
 
 impl Level {
@@ -56,6 +61,7 @@ impl Level {
         match self {
             Level::Scalar => "scalar",
             Level::Avx2 => "avx2",
+            Level::Neon => "neon",
         }
     }
 
@@ -64,12 +70,13 @@ impl Level {
         match self {
             Level::Scalar => true,
             Level::Avx2 => avx2(),
+            Level::Neon => cfg!(target_arch = "aarch64"),
         }
     }
 
     /// Every level this CPU runs, the reference first.
     pub fn all_supported() -> impl Iterator<Item = Level> {
-        [Level::Scalar, Level::Avx2]
+        [Level::Scalar, Level::Avx2, Level::Neon]
             .into_iter()
             .filter(|l| l.supported())
     }
@@ -78,6 +85,8 @@ impl Level {
     pub fn best() -> Level {
         if avx2() {
             Level::Avx2
+        } else if cfg!(target_arch = "aarch64") {
+            Level::Neon
         } else {
             Level::Scalar
         }
@@ -196,6 +205,10 @@ pub fn accumulate(
     if level == Level::Avx2 && avx2() {
         return x86_64::accumulate(rule, r, u, g, gather_at, list, base);
     }
+    #[cfg(target_arch = "aarch64")]
+    if level == Level::Neon {
+        return aarch64::accumulate(rule, r, u, g, gather_at, list, base);
+    }
     let _ = level;
     scalar::accumulate(rule, r, u, g, gather_at, list, base)
 }
@@ -206,6 +219,10 @@ pub fn max_mag(level: Level, x: &[f32]) -> u32 {
     if level == Level::Avx2 && avx2() {
         return x86_64::max_mag(x);
     }
+    #[cfg(target_arch = "aarch64")]
+    if level == Level::Neon {
+        return aarch64::max_mag(x);
+    }
     let _ = level;
     scalar::max_mag(x)
 }
@@ -215,6 +232,10 @@ pub fn gather(level: Level, x: &[f32], at: u32, list: &mut [u32], base: u32) -> 
     #[cfg(target_arch = "x86_64")]
     if level == Level::Avx2 && avx2() {
         return x86_64::gather(x, at, list, base);
+    }
+    #[cfg(target_arch = "aarch64")]
+    if level == Level::Neon {
+        return aarch64::gather(x, at, list, base);
     }
     let _ = level;
     scalar::gather(x, at, list, base)
@@ -255,6 +276,10 @@ pub fn magnitudes(level: Level, x: &[f32], out: &mut [u32]) {
     #[cfg(target_arch = "x86_64")]
     if level == Level::Avx2 && avx2() {
         return x86_64::magnitudes(x, out);
+    }
+    #[cfg(target_arch = "aarch64")]
+    if level == Level::Neon {
+        return aarch64::magnitudes(x, out);
     }
     let _ = level;
     scalar::magnitudes(x, out)
