@@ -477,8 +477,11 @@ impl Compressor {
             let span = if j == last { n - j * width } else { width } - RUN + 1;
             j * width + rng::below(stream, j as u32, span as u32) as usize
         };
-        let fill_sample = |sample: &mut [u32], r: &[f32], u: &[f32]| {
-            for (j, run) in sample.chunks_mut(RUN).enumerate() {
+        let r_read: &[f32] = r;
+        let u_read: &[f32] = u;
+        let fill = |offset: usize, part: &mut [u32]| {
+            let (r, u) = (r_read, u_read);
+            for (j, run) in (offset / RUN..).zip(part.chunks_mut(RUN)) {
                 if j + AHEAD <= last {
                     let p = start(j + AHEAD);
                     prefetch(r, p);
@@ -492,7 +495,8 @@ impl Compressor {
                 }
             }
         };
-        fill_sample(sample, r, u);
+        // Random reads wait on memory latency, so threads help here too.
+        passes.for_parts(sample, RUN, 8192, fill);
         let (mut aim, enough) = if exact {
             (1.5 * k as f64, k)
         } else {

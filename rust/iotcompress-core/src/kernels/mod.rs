@@ -329,6 +329,33 @@ impl Passes {
         self.max_mag(x) < 0x7f80_0000
     }
 
+    /// Calls `f(offset, part)` for consecutive parts of `data` (part lengths multiples of
+    /// `align`), on up to `threads` threads when each gets at least `min_part` elements.
+    pub fn for_parts<T: Send>(
+        &self,
+        data: &mut [T],
+        align: usize,
+        min_part: usize,
+        f: impl Fn(usize, &mut [T]) + Sync,
+    ) {
+        #[cfg(feature = "std")]
+        {
+            let t = self.threads.min(data.len() / min_part.max(1));
+            if t > 1 {
+                let part = data.len().div_ceil(t).next_multiple_of(align.max(1));
+                let f = &f;
+                std::thread::scope(|s| {
+                    for (j, chunk) in data.chunks_mut(part).enumerate() {
+                        s.spawn(move || f(j * part, chunk));
+                    }
+                });
+                return;
+            }
+        }
+        let _ = (align, min_part);
+        f(0, data)
+    }
+
     /// Read-only gather over `x` into `list` (indices from 0).
     pub fn gather(&self, x: &[f32], at: u32, list: &mut [u32]) -> usize {
         gather(self.level, x, at, list, 0)
