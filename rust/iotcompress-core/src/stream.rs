@@ -58,7 +58,7 @@
 //! * `η = 0` with [`StateFormat::F32`]; otherwise `η` is the rounding of the compact state
 //!   applied to `x = v − d` (see [`StateFormat`]): `|η| ≤ 2^-11·|x| + 2^-25` for f16
 //!   (`|x| ≤ 65504`; beyond that it saturates to ±65504), `|η| ≤ 2^-8·|x| + 2^-134` for bf16,
-//!   and `|η| ≤ (1/2 + 2^-16)·s_b` (+ `2^-142` if `s_b` is subnormal) for int8, where
+//!   and `|η| ≤ (1/2 + 2^-15)·s_b` (+ `2^-142` if `s_b` is subnormal) for int8, where
 //!   `s_b = max_{j in block} |x_j| / 127` is the scale of the element's block of
 //!   [`StateFormat::BLOCK`] elements.
 //!
@@ -113,7 +113,7 @@ use crate::float::{
 use crate::quant::Quant;
 use crate::select::ThresholdController;
 use crate::wire::crc::crc32c;
-use crate::wire::{max_encoded_len, varint_len, Header, IndexCoding, CHECKSUM_LEN};
+use crate::wire::{varint_len, Header, IndexCoding, CHECKSUM_LEN, MAX_HEADER_LEN};
 use crate::Error;
 
 /// How the residual and velocity are stored, in a caller-owned byte buffer (little-endian).
@@ -123,7 +123,7 @@ use crate::Error;
 /// | `F32` | 4 | binary32 | exact |
 /// | `F16` | 2 | IEEE binary16, RNE | `≤ 2^-11·|x| + 2^-25`, saturates beyond ±65504 |
 /// | `Bf16` | 2 | bfloat16, RNE | `≤ 2^-8·|x| + 2^-134` |
-/// | `Int8` | `1 + 4/32` | per block of 32: f32 scale `s_b = max|x|/127`, then 32 codes `round_half_away(x/s_b)` | `≤ (1/2 + 2^-16)·s_b` (`+ 2^-142` if `s_b` is subnormal) |
+/// | `Int8` | `1 + 4/32` | per block of 32: f32 scale `s_b = max|x|/127`, then 32 codes `round_half_away(x·(1/s_b))` | `≤ (1/2 + 2^-15)·s_b` (`+ 2^-142` if `s_b` is subnormal) |
 ///
 /// An all-zero buffer is an all-zero state in every format. With int8 the encoder keeps the
 /// new values of the current block in [`StreamMessage`] until the block is complete, then
@@ -220,9 +220,20 @@ impl StateFormat {
         if let Some(s) = buf.get_mut(at..at + 4) {
             s.copy_from_slice(&scale.to_le_bytes());
         }
+        // A multiplication by the reciprocal (a division only for a subnormal scale, whose
+        // reciprocal would overflow): far cheaper than 32 divisions without an FPU.
+        let inv = if scale >= f32::MIN_POSITIVE {
+            1.0 / scale
+        } else {
+            0.0
+        };
         for (j, &x) in values.iter().enumerate() {
             if let Some(c) = buf.get_mut(at + 4 + j) {
-                *c = quantize(x, scale, 127) as u8;
+                *c = if inv > 0.0 {
+                    round_half_away(x * inv).clamp(-127, 127)
+                } else {
+                    quantize(x, scale, 127)
+                } as u8;
             }
         }
     }
@@ -281,9 +292,8 @@ impl StreamConfig {
         let momentum_ok = (0.0..1.0).contains(&m);
         let wt_ok = self.threshold > 0.0 && is_finite_bits(self.threshold.to_bits());
         let n = self.numel as u64;
-        let sizes_ok = n <= u32::MAX as u64
-            && (n * 4 + 64) * 2 <= usize::MAX as u64
-            && self.full_message_len() < usize::MAX / 2;
+        // Every size (state, full message) is below `(4n + 64)·2`.
+        let sizes_ok = n <= u32::MAX as u64 && (n * 4 + 64) * 2 <= usize::MAX as u64;
         if quant_ok && target_ok && momentum_ok && wt_ok && sizes_ok {
             Ok(())
         } else {
@@ -317,11 +327,16 @@ impl StreamConfig {
         self.header_reserve() + CHECKSUM_LEN
     }
 
-    /// The recommended output buffer, [`max_encoded_len`] (bitmap-sized index, every value):
+    /// The recommended output buffer, [`crate::max_encoded_len`] (bitmap-sized index, every
+    /// value):
     /// nothing is held back unless the Rice block outgrows a bitmap (many more entries than
     /// expected crossing `Wt`).
     pub const fn full_message_len(&self) -> usize {
-        max_encoded_len(self.numel, self.quant)
+        // `max_encoded_len` for the quantisers a stream takes, without its 64-bit division
+        // (ternary's), which a Cortex-M would link for nothing.
+        let n = self.numel;
+        let values = (n as u64 * self.quant.code_bits() as u64).div_ceil(8);
+        MAX_HEADER_LEN + n.div_ceil(8) + values as usize + CHECKSUM_LEN
     }
 
     fn value_bytes(&self, nnz: u32) -> u64 {
@@ -416,7 +431,7 @@ impl StreamCompressor {
             StreamTarget::Fixed => return 0,
             StreamTarget::Count(c) => c,
             StreamTarget::Bytes(b) => {
-                let body_bits = (b.saturating_sub(16).max(8) as u64 * 8) as f32;
+                let body_bits = b.saturating_sub(16).max(8) as f32 * 8.0;
                 let bpe = self.controller.bits_per_entry;
                 let bpe = if bpe > 0.0 && is_finite_bits(bpe.to_bits()) {
                     bpe
@@ -629,15 +644,21 @@ impl StreamMessage {
         let cfg = c.config;
         let m = cfg.momentum;
         let (r_buf, u_buf) = state.split_at_mut(cfg.state.tensor_bytes(cfg.numel));
-        // Pass 1: nothing changes unless every element accumulates to finite values.
+        // Pass 1: nothing changes unless every element accumulates to finite values. Below
+        // 2^124 in magnitude (bits < 0x7d80_0000) `g`, `r` and `u` cannot overflow (`|v| <
+        // 2^126` with either momentum), so only larger ones pay for the accumulation here.
+        let small = |x: f32| mag_bits(x) < 0x7d80_0000;
         for (j, &g) in grad.iter().enumerate() {
             if !is_finite_bits(g.to_bits()) {
                 return Err(Error::NonFiniteGradient);
             }
             let i = start + j;
-            let (v, u) = accumulate_one(m, cfg.state.load(r_buf, i), cfg.state.load(u_buf, i), g);
-            if !is_finite_bits(v.to_bits()) || !is_finite_bits(u.to_bits()) {
-                return Err(Error::Overflow);
+            let (r, u) = (cfg.state.load(r_buf, i), cfg.state.load(u_buf, i));
+            if !(small(g) && small(r) && small(u)) {
+                let (v, u) = accumulate_one(m, r, u, g);
+                if !is_finite_bits(v.to_bits()) || !is_finite_bits(u.to_bits()) {
+                    return Err(Error::Overflow);
+                }
             }
         }
         // Pass 2: select, send, store.
@@ -873,7 +894,9 @@ impl StreamEncoder<'_> {
 fn rice_parameter(numel: u32, expected: u32, avail_bits: u64, value_bits: u32) -> u32 {
     let n = numel as u64;
     let vb = value_bits as u64;
-    let e = (expected as u64).min(avail_bits / (vb + 8)).max(1);
+    // A 32-bit division: a u64 one would link compiler-builtins' 64-bit divide on Cortex-M.
+    let fit = avail_bits.min(u32::MAX as u64) as u32 / (value_bits + 8);
+    let e = expected.min(fit).max(1) as u64;
     let fits = |k: u64| (n >> k) + k + 1 + vb <= avail_bits;
     let any_fits = fits(31);
     let mut best = (u64::MAX, 0);
@@ -945,6 +968,25 @@ mod tests {
         // A small buffer: fewer entries expected, and one entry anywhere must fit.
         assert_eq!(rice_parameter(1000, 1000, 47 * 8, 8), 5);
         assert!(rice_parameter(1000, 1000, 0, 8) <= 31); // nothing fits: any k
+    }
+
+    #[test]
+    fn full_message_len_is_max_encoded_len() {
+        for quant in [
+            Quant::F32,
+            Quant::F16,
+            Quant::Bf16,
+            Quant::Int8,
+            Quant::Int4,
+        ] {
+            for n in [0usize, 1, 7, 8, 9, 1000, 12_345, u32::MAX as usize] {
+                let c = StreamConfig {
+                    quant,
+                    ..StreamConfig::new(n, 1.0)
+                };
+                assert_eq!(c.full_message_len(), crate::max_encoded_len(n, quant));
+            }
+        }
     }
 
     #[test]

@@ -86,7 +86,7 @@ fn state_bound(format: StateFormat, x: f64, block_max: f64) -> f64 {
         StateFormat::F32 => 0.0,
         StateFormat::F16 => x.abs() * 2f64.powi(-11) + 2f64.powi(-25),
         StateFormat::Bf16 => x.abs() * 2f64.powi(-8) + 2f64.powi(-134),
-        StateFormat::Int8 => (0.5 + 2f64.powi(-16)) * (block_max / 127.0) + 2f64.powi(-142),
+        StateFormat::Int8 => (0.5 + 2f64.powi(-15)) * (block_max / 127.0) + 2f64.powi(-142),
     }
 }
 
