@@ -237,10 +237,31 @@ def test_c_header_and_library_on_the_host(host_lib, tmp_path):
         assert "host_test: 0 failures" in out
 
 
+def example_gradient(step: int, numel: int = 1000) -> np.ndarray:
+    """firmware/example.c's compute_gradient, in float32 like the C code."""
+    i = np.arange(numel, dtype=np.uint64)
+    x = ((i * 2654435761) % 2**32) ^ ((step * 40503) % 2**32)
+    return (np.float32(1) * (x % 2001).astype(np.float32) / np.float32(1000) - np.float32(1)).astype(np.float32)
+
+
+def check_example_output(out: str) -> None:
+    """The example's messages: equal to iotcompress.StreamingCompressor's for the same
+    gradients (fed in the same chunks), and decoded on the host to what the device's
+    server printed."""
+    msgs = [bytes.fromhex(w.split()[1]) for w in out.splitlines() if w.startswith("MSG ")]
+    sent = re.findall(r"sent (\d+) bytes: (\d+) of 1000 entries", out)
+    assert len(msgs) == 5 and len(sent) == 5
+    host = ic.StreamingCompressor(1000, threshold=0.9, target_count=50, quant="int8", momentum=0.9, state="int8")
+    for step, (msg, (nbytes, nnz)) in enumerate(zip(msgs, sent)):
+        want = host.compress(example_gradient(step), chunks=[100] * 10)
+        assert msg == want, f"step {step}:\n device {msg.hex()}\n host   {want.hex()}"
+        assert (len(msg), ic.inspect(msg)["nnz"]) == (int(nbytes), int(nnz)) and int(nnz) > 0
+        ic.decode(msg, 1000)
+
+
 def test_docs_example_compiles_runs_and_is_shown_verbatim(host_lib, tmp_path):
     out = _build_and_run(tmp_path, host_lib, "example.c", ["gcc", "-std=c99"])
-    sent = re.findall(r"sent (\d+) bytes: (\d+) of 1000 entries", out)
-    assert len(sent) == 5 and all(int(n) > 0 for _, n in sent)
+    check_example_output(out)
     docs = (ROOT / "docs" / "mcu.md").read_text()
     assert (FIRMWARE / "example.c").read_text().strip() in docs, "docs/mcu.md must show firmware/example.c"
 
@@ -253,3 +274,4 @@ def test_docs_example_prints_the_same_on_the_device(firmware, host_lib, tmp_path
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert (r.stdout + r.stderr).splitlines() == host.splitlines()
+    check_example_output(r.stdout + r.stderr)
