@@ -275,3 +275,94 @@ def test_docs_example_prints_the_same_on_the_device(firmware, host_lib, tmp_path
     assert r.returncode == 0, r.stdout + r.stderr
     assert (r.stdout + r.stderr).splitlines() == host.splitlines()
     check_example_output(r.stdout + r.stderr)
+
+
+# ------------------------------------------------------------- the 20 kB-SRAM budget example
+
+TRAIN20K_NUMEL = 2410
+RAM_BUDGET = 20 * 1024
+
+
+def _fnv_weights(w: np.ndarray) -> int:
+    digest = 2166136261
+    for bits in w.view(np.uint32).tolist():
+        digest = ((digest ^ bits) * 16777619) % 2**32
+    return digest
+
+
+def _train20k_initial_weights() -> np.ndarray:
+    """train20k.c's initial weights, in float32 like the C code."""
+    def hash32(v):
+        m = 0xFFFFFFFF
+        v = v & m
+        v ^= v >> 16
+        v = (v * 0x7FEB352D) & m
+        v ^= v >> 15
+        v = (v * 0x846CA68B) & m
+        v ^= v >> 16
+        return v
+    i = np.arange(TRAIN20K_NUMEL, dtype=np.uint64)
+    unit = (hash32(i + 12345) & 0xFFFF).astype(np.float32) / np.float32(32768) - np.float32(1)
+    fan = np.where(i < 32 * 65, np.float32(0.125), np.float32(0.177)).astype(np.float32)
+    return (fan * unit).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def train20k_run(firmware) -> str:
+    elf = firmware / "mps2-an385" / "train20k.elf"
+    cmd = ["qemu-system-arm", "-M", "mps2-an385", "-nographic", "-monitor", "none", "-serial", "null",
+           "-semihosting", "-kernel", str(elf)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "ERR " not in out and "FAULT" not in out, out[-3000:]
+    return out
+
+
+def test_train20k_fits_in_20_kib_of_ram(firmware, train20k_run):
+    """.data + .bss + the reserved stack fit in 20 KiB (the linker script's whole RAM), and the
+    stack measured by painting stays inside its reservation."""
+    elf = firmware / "mps2-an385" / "train20k.elf"
+    sizes = subprocess.run(["arm-none-eabi-size", "-A", str(elf)], capture_output=True, text=True,
+                           check=True).stdout
+    sec = {p[0]: int(p[1]) for p in (ln.split() for ln in sizes.splitlines()) if len(p) >= 2 and p[1].isdigit()}
+    syms = subprocess.run(["arm-none-eabi-nm", str(elf)], capture_output=True, text=True, check=True).stdout
+    addr = {p[2]: int(p[0], 16) for p in (ln.split() for ln in syms.splitlines()) if len(p) == 3}
+    ram_start = 0x20000000
+    stack_reserved = addr["__stack_top"] - addr["__stack_limit"]
+    assert addr["__stack_top"] - ram_start == RAM_BUDGET, "the linker script's RAM must be 20 KiB"
+    static = sec.get(".data", 0) + sec.get(".bss", 0)
+    assert static + stack_reserved <= RAM_BUDGET, (static, stack_reserved)
+    peak = int(re.search(r"^STACK (\d+)$", train20k_run, re.M).group(1))
+    assert 0 < peak < stack_reserved, (peak, stack_reserved)
+
+
+def test_train20k_learns_and_its_messages_decode_on_the_host(train20k_run):
+    lines = train20k_run.splitlines()
+    acc = [(int(w[1]), int(w[2])) for w in (ln.split() for ln in lines) if w[0] == "ACC"]
+    assert acc[0][0] == 0 and acc[0][1] <= 40, acc  # chance is 20 of 200
+    assert acc[-1][1] >= 150, acc
+    msgs = [ln.split() for ln in lines if ln.startswith("MSG ")]
+    assert len(msgs) == 200
+    # The host decodes every message and, replaying the updates, ends with the device's model.
+    w = _train20k_initial_weights()
+    for step, (_, s, nnz, selected, hexmsg) in enumerate(msgs):
+        msg = bytes.fromhex(hexmsg)
+        info = ic.inspect(msg)
+        assert int(s) == step and len(msg) <= 512
+        assert (info["numel"], info["nnz"], info["quant"], info["index"]) == (TRAIN20K_NUMEL, int(nnz), "int8", "rice")
+        assert int(nnz) <= int(selected)
+        ic.decode_add(msg, w, scale=-0.5)
+    done = next(ln.split() for ln in lines if ln.startswith("DONE "))
+    assert _fnv_weights(w) == int(done[4])
+
+
+def test_train20k_host_build_prints_the_same(host_lib, tmp_path, train20k_run):
+    exe = tmp_path / "train20k"
+    cmd = ["gcc", "-std=c99", "-O2", "-ffp-contract=off", "-DHOST", "-Wall", "-Wextra", "-Werror", "-pedantic",
+           f"-I{ROOT / 'include'}", str(FIRMWARE / "train20k.c"), str(host_lib), "-lpthread", "-ldl", "-lm",
+           "-o", str(exe)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    host = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120).stdout
+    strip = lambda text: [ln for ln in text.splitlines() if not ln.startswith("STACK ")]  # noqa: E731
+    assert strip(host) == strip(train20k_run)
