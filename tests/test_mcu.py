@@ -366,3 +366,35 @@ def test_train20k_host_build_prints_the_same(host_lib, tmp_path, train20k_run):
     host = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120).stdout
     strip = lambda text: [ln for ln in text.splitlines() if not ln.startswith("STACK ")]  # noqa: E731
     assert strip(host) == strip(train20k_run)
+
+
+# ------------------------------------------------------------------ the streaming path's size
+
+_spec_size = importlib.util.spec_from_file_location("size_report", FIRMWARE / "size_report.py")
+size_report = importlib.util.module_from_spec(_spec_size)
+_spec_size.loader.exec_module(size_report)
+
+#: Symbols a firmware that only streams must not link: the batch pipeline, top-k and DGC
+#: sampling, and double-precision soft-float.
+BATCH_ONLY = re.compile(
+    r"Compressor::compress|Compressor::top_k|SamplePlan|kth_largest|select_nth|sqrt_f64|"
+    r"ThresholdController::update|__aeabi_d|__aeabi_[a-z0-9]*2d$|df[23]$|f64"
+)
+
+
+def test_streaming_path_fits_16_kib_of_flash_and_2_kib_of_stack(firmware):
+    """The issue's budget on thumbv7em: threshold + int8 + wire encode in 16 kB of flash and
+    2 kB of stack, measured on the size probe that only uses the streaming encoder."""
+    elf = firmware / "mps2-an386" / "size-stream_int8.elf"
+    r = subprocess.run(["make", "-C", str(FIRMWARE), str(elf)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    share = size_report.lib_share(Path(str(elf) + ".map"))
+    flash = sum(share.get(s, 0) for s in size_report.FLASH_SECTIONS)
+    assert 0 < flash <= 16 * 1024, f"library flash {flash} B"
+    names = subprocess.run(["arm-none-eabi-nm", "-C", str(elf)], capture_output=True, text=True, check=True).stdout
+    linked = [ln.split(None, 2)[-1] for ln in names.splitlines() if len(ln.split()) >= 3]
+    bad = [n for n in linked if BATCH_ONLY.search(n)]
+    assert not bad, f"the streaming firmware links batch-only code: {bad}"
+    probe = size_report.run_probe("mps2-an386", elf)
+    assert probe["status"] == 0 and probe["nnz"] > 0
+    assert 0 < probe["stack_compress"] < 2048, probe
