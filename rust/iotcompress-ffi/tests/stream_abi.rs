@@ -394,3 +394,22 @@ fn stream_layout_is_stable() {
         std::mem::size_of::<IotcompressStream>()
     );
 }
+
+#[test]
+fn the_c_stream_carries_everything_the_core_compressor_holds() {
+    // IotcompressStream rebuilds a core StreamCompressor on every call from its config and
+    // the four history fields below. If the core's struct grows another field, this size
+    // changes: carry the new state in IotcompressStream too. (StreamMessage is converted
+    // with exhaustive struct literals: a new field there does not compile.)
+    use std::mem::size_of;
+    let core = size_of::<StreamCompressor>();
+    let parts = size_of::<StreamConfig>()
+        + size_of::<iotcompress_core::ThresholdController>()
+        + size_of::<u64>() // messages
+        + size_of::<f32>() // last_max
+        + size_of::<u32>(); // last_selected
+    assert_eq!(
+        core, parts,
+        "iotcompress_core::StreamCompressor changed shape"
+    );
+}
