@@ -105,6 +105,8 @@ def test_misuse_raises_with_the_reason():
     ):
         with pytest.raises(ValueError):
             ic.StreamingCompressor(10, **kwargs)
+    with pytest.raises(ValueError, match="adding up"):
+        c.compress(np.zeros(10, np.float32), chunks=[4, 4])
     with pytest.raises(ic.CompressError, match="too small"):
         ic.StreamingCompressor(10, threshold=1.0, capacity=5).begin()
 
@@ -127,3 +129,20 @@ def test_compact_state_costs_no_accuracy_on_digits():
     int8 = exp.train(0, 8, "int8", 24)["accuracy"]
     assert f32 > 0.9 and int8 > 0.9
     assert abs(f32 - int8) < 0.02
+
+
+@pytest.mark.parametrize("quant", ic.STREAM_QUANTS)
+def test_the_independent_spec_decoder_reads_streamed_messages(quant):
+    """tests/wire_spec.py, written from docs/wire-format.md alone, decodes streamed messages to
+    the library's values (they are ordinary, if non-canonical, wire format v1)."""
+    import wire_spec
+
+    n = 3000
+    c = ic.StreamingCompressor(n, threshold=1.0, target_bytes=400, quant=quant, state="int8", momentum=0.5)
+    for step in range(4):
+        msg = c.compress(randn(n, step), chunks=cuts(n, step))
+        spec = wire_spec.decode(msg)
+        dense = np.zeros(n, np.float32)
+        dense[np.asarray(spec["positions"], dtype=np.int64)] = spec["values"]
+        assert spec["index"] == "rice" and spec["nnz"] == ic.inspect(msg)["nnz"]
+        assert dense.tobytes() == ic.decode(msg).tobytes()

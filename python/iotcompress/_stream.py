@@ -145,10 +145,13 @@ class StreamingCompressor:
             msg = c.compress(grad, chunks=[600, 300, 100])
         """
         grad = _as_vector(grad, "grad", self._numel)
+        lengths = [self._numel] if chunks is None else [int(c) for c in chunks]
+        if any(c < 0 for c in lengths) or sum(lengths) != self._numel:
+            raise ValueError(f"chunks must be non-negative lengths adding up to numel={self._numel}, got {lengths}")
         with self._lock:
             self._ext.begin()
             at = 0
-            for length in [self._numel] if chunks is None else chunks:
+            for length in lengths:
                 self._ext.feed(grad[at:at + int(length)])
                 at += int(length)
             return self._ext.finish()

@@ -54,7 +54,8 @@
 //!
 //! * `ε = 0` with f32 values (then `r' = 0` for sent entries: **bit-exact** with f32 state);
 //!   otherwise `ε` is the rounding of one f32 subtraction `v − d`, `|ε| ≤ 2^-24·|v − d|`
-//!   (zero for f16/bf16 values, where `d` is within a factor two of `v` (Sterbenz));
+//!   (zero for f16/bf16 values short of f16's saturation, where `d` is within a factor two
+//!   of `v` (Sterbenz));
 //! * `η = 0` with [`StateFormat::F32`]; otherwise `η` is the rounding of the compact state
 //!   applied to `x = v − d` (see [`StateFormat`]): `|η| ≤ 2^-11·|x| + 2^-25` for f16
 //!   (`|x| ≤ 65504`; beyond that it saturates to ±65504), `|η| ≤ 2^-8·|x| + 2^-134` for bf16,
