@@ -122,9 +122,9 @@ use crate::Error;
 /// | format | bytes per element | layout | rounding of a stored value `x` |
 /// | --- | --- | --- | --- |
 /// | `F32` | 4 | binary32 | exact |
-/// | `F16` | 2 | IEEE binary16, RNE | `≤ 2^-11·|x| + 2^-25`, saturates beyond ±65504 |
-/// | `Bf16` | 2 | bfloat16, RNE | `≤ 2^-8·|x| + 2^-134` |
-/// | `Int8` | `1 + 4/32` | per block of 32: f32 scale `s_b = max|x|/127`, then 32 codes `round_half_away(x·(1/s_b))` | `≤ (1/2 + 2^-15)·s_b` (`+ 2^-142` if `s_b` is subnormal) |
+/// | `F16` | 2 | IEEE binary16, RNE | `≤ 2^-11·\|x\| + 2^-25`, saturates beyond ±65504 |
+/// | `Bf16` | 2 | bfloat16, RNE | `≤ 2^-8·\|x\| + 2^-134` |
+/// | `Int8` | `1 + 4/32` | per block of 32: f32 scale `s_b = max\|x\|/127`, then 32 codes `round_half_away(x·(1/s_b))` | `≤ (1/2 + 2^-15)·s_b` (`+ 2^-142` if `s_b` is subnormal) |
 ///
 /// An all-zero buffer is an all-zero state in every format. With int8 the encoder keeps the
 /// new values of the current block in [`StreamMessage`] until the block is complete, then
