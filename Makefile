@@ -59,6 +59,7 @@ clippy: | $(PY)
 nostd-check:
 	$(CARGO) build -p iotcompress-core --no-default-features
 	$(CARGO) build -p iotcompress-core --no-default-features --features alloc
+	$(CARGO) build -p iotcompress-core --no-default-features --features small-crc
 	@deps=$$($(CARGO) tree -p iotcompress-core --no-default-features -e normal --prefix none | sort -u | grep -v '^iotcompress-core'); \
 	if [ -n "$$deps" ]; then echo "core has dependencies without features: $$deps"; exit 1; fi; \
 	echo "no_std core: builds, no dependencies"

@@ -8,6 +8,7 @@
 
 /* The macros are integer constant expressions: static buffers can use them. */
 static uint8_t static_msg[IOTCOMPRESS_MAX_MESSAGE_LEN(100u, IOTCOMPRESS_VALUE_BITS_INT8)];
+static uint8_t static_state[IOTCOMPRESS_STREAM_STATE_LEN(100u, IOTCOMPRESS_STATE_INT8, 1)];
 
 static int failures;
 #define CHECK(cond)                                                  \
@@ -76,6 +77,37 @@ int main(void)
     uint8_t out[64];
     IotcompressBuffers bufs = { r, 4, NULL, 0, s, 4 };
     CHECK(iotcompress_compress(&state, &bufs, g, 4, out, sizeof out, NULL) == IOTCOMPRESS_ERR_BAD_STATE);
+
+    /* The streaming API: the state-size macro equals the library's size for every format,
+       an all-zero streaming config is the default, a zeroed stream struct is an error. */
+    IotcompressStreamConfig sc, szero;
+    memset(&szero, 0, sizeof szero);
+    CHECK(iotcompress_stream_config_default(&sc) == IOTCOMPRESS_OK);
+    CHECK(memcmp(&sc, &szero, sizeof sc) == 0);
+    CHECK(iotcompress_stream_size() == sizeof(IotcompressStream));
+    static const IotcompressStateFormat formats[] = { IOTCOMPRESS_STATE_F32, IOTCOMPRESS_STATE_F16,
+                                                      IOTCOMPRESS_STATE_BF16, IOTCOMPRESS_STATE_INT8 };
+    for (size_t f = 0; f < sizeof formats / sizeof formats[0]; f++)
+        for (size_t n = 0; n < sizeof numels / sizeof numels[0]; n++)
+            for (uint32_t m = 0; m < 2u; m++) {
+                IotcompressStreamSizes ss;
+                sc.numel = numels[n];
+                sc.threshold = 0.5f;
+                sc.quant = IOTCOMPRESS_QUANT_INT8;
+                sc.state_format = formats[f];
+                sc.momentum_kind = m ? IOTCOMPRESS_MOMENTUM_VANILLA : IOTCOMPRESS_MOMENTUM_NONE;
+                sc.momentum = m ? 0.9f : 0.0f;
+                CHECK(iotcompress_stream_sizes(&sc, &ss) == IOTCOMPRESS_OK);
+                CHECK(ss.state_len == IOTCOMPRESS_STREAM_STATE_LEN(numels[n], formats[f], m));
+                CHECK(ss.full_message_len == IOTCOMPRESS_MAX_MESSAGE_LEN(numels[n], IOTCOMPRESS_VALUE_BITS_INT8));
+                CHECK(ss.stream_size == sizeof(IotcompressStream));
+            }
+    CHECK(sizeof static_state == 2u * (100u + 4u * 4u));
+    IotcompressStream zstream;
+    memset(&zstream, 0, sizeof zstream);
+    IotcompressStreamBuffers sbufs = { static_state, sizeof static_state, out, sizeof out };
+    CHECK(iotcompress_stream_begin(&zstream, &sbufs) == IOTCOMPRESS_ERR_BAD_STATE);
+    CHECK(strcmp(iotcompress_error_name(IOTCOMPRESS_ERR_INCOMPLETE), "IOTCOMPRESS_ERR_INCOMPLETE") == 0);
 
     printf("host_test: %d failures\n", failures);
     return failures != 0;

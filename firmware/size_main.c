@@ -3,7 +3,9 @@
      SIZE variant n bytes nnz stack_compress stack_decode ticks_compress ticks_decode
           spin_ticks spin_insns
    VARIANT_baseline calls nothing of the library: the flash/RAM of the other variants minus
-   the baseline's is what the library adds. firmware/size_report.py builds the table. */
+   the baseline's is what the library adds. VARIANT_stream_int8 (f32 state) and
+   VARIANT_stream_int8_state8 (int8 state) use only the streaming encoder.
+   firmware/size_report.py builds the table. */
 #include <stdint.h>
 #include <string.h>
 
@@ -16,8 +18,22 @@
 #define STEPS 3u
 #define SPIN 100000u /* fw_spin(SPIN) runs 2 * SPIN loop instructions */
 
+#if defined(VARIANT_stream_int8) || defined(VARIANT_stream_int8_state8)
+#define STREAM 1
+#define CHUNK 256u
+#ifdef VARIANT_stream_int8_state8
+#define STATE_FORMAT IOTCOMPRESS_STATE_INT8
+#else
+#define STATE_FORMAT IOTCOMPRESS_STATE_F32
+#endif
+#endif
+
 static float grad[SIZE_N];
-#ifndef VARIANT_baseline
+#if defined(STREAM)
+static uint8_t sstate[IOTCOMPRESS_STREAM_STATE_LEN(SIZE_N, STATE_FORMAT, 0)];
+static uint8_t msg[IOTCOMPRESS_MAX_MESSAGE_LEN(SIZE_N, IOTCOMPRESS_VALUE_BITS_INT8)];
+static IotcompressStream stream;
+#elif !defined(VARIANT_baseline)
 static float residual[SIZE_N];
 static uint32_t scratch[SIZE_N];
 static uint8_t msg[IOTCOMPRESS_MAX_MESSAGE_LEN(SIZE_N, IOTCOMPRESS_VALUE_BITS_INT8)];
@@ -66,7 +82,39 @@ int main(void)
     t1 = fw_systick();
     uint32_t spin_ticks = fw_ticks_between(t0, t1);
 
-#ifndef VARIANT_baseline
+#if defined(STREAM)
+    /* The streaming encoder: the same threshold (and so the same entries) as the batch
+       threshold probe, the gradient fed in chunks of CHUNK elements. */
+    IotcompressStreamConfig config;
+    iotcompress_stream_config_default(&config);
+    config.numel = SIZE_N;
+    config.threshold = 1.8f;
+    config.quant = IOTCOMPRESS_QUANT_INT8;
+    config.state_format = STATE_FORMAT;
+    rc = iotcompress_stream_init(&stream, &config);
+    IotcompressStreamBuffers bufs = { sstate, sizeof sstate, msg, sizeof msg };
+    for (uint32_t s = 0; s < STEPS && rc == IOTCOMPRESS_OK; s++) {
+        IotcompressStreamInfo info;
+        uint32_t ticks = 0;
+        fill_gradient(s);
+        uint32_t sp = fw_sp();
+        fw_stack_paint();
+        t0 = fw_systick();
+        rc = iotcompress_stream_begin(&stream, &bufs);
+        for (uint32_t at = 0; at < SIZE_N && rc == IOTCOMPRESS_OK; at += CHUNK) {
+            uint32_t len = SIZE_N - at < CHUNK ? SIZE_N - at : CHUNK;
+            rc = iotcompress_stream_feed(&stream, &bufs, &grad[at], len);
+        }
+        if (rc == IOTCOMPRESS_OK) rc = iotcompress_stream_finish(&stream, &bufs, &info);
+        t1 = fw_systick();
+        ticks += fw_ticks_between(t0, t1);
+        uint32_t used = sp - fw_stack_lowest();
+        if (used > stack_compress) stack_compress = used;
+        ticks_compress = ticks; /* the last step: steady state */
+        bytes = info.bytes;
+        nnz = info.nnz;
+    }
+#elif !defined(VARIANT_baseline)
     IotcompressConfig config;
     iotcompress_config_default(&config);
 #if defined(VARIANT_topk_sign)

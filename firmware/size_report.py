@@ -33,6 +33,8 @@ VARIANTS = {
     "threshold_int8": "threshold + int8 + wire encode",
     "topk_sign": "exact top-k (1 %) + sign + wire encode",
     "threshold_int8_decode": "threshold + int8 encode, and decode_add",
+    "stream_int8": "streaming threshold + int8 + wire encode (f32 state)",
+    "stream_int8_state8": "streaming threshold + int8 + wire encode (int8 state)",
 }
 LIB = "libiotcompress.a"
 FLASH_SECTIONS = (".text", ".rodata", ".ARM.exidx", ".ARM.extab")
@@ -144,7 +146,8 @@ def symbols(build: Path, board: str, variant: str, count: int) -> str:
 
 #: Where the flash goes, by symbol name (first match wins).
 GROUPS = [
-    ("CRC-32C lookup tables", r"crc::TABLES"),
+    ("CRC-32C lookup tables", r"crc::TABLES?$"),
+    ("streaming encoder (iotcompress_core::stream)", r"iotcompress_core::stream::"),
     ("top-k and DGC sampling (chosen at run time, so always linked)",
      r"Compressor::top_k|select::(SamplePlan|kth_largest|k_for_density)|core::slice::sort|select::median|min_index|max_index"),
     ("adaptive threshold controller", r"ThresholdController|sqrt_f64"),

@@ -28,7 +28,18 @@
 #define IOTCOMPRESS_VALUE_BITS_QSGD 9u
 /** Scratch words never exceed the element count: `uint32_t scratch[numel]` always fits. */
 #define IOTCOMPRESS_MAX_SCRATCH_LEN(numel) (numel)
+/** Bytes of a streaming compressor's state buffer (IotcompressStreamSizes.state_len) for
+ *  @p numel elements stored as @p state_format (an IOTCOMPRESS_STATE_* value): 4, 2, 2 or
+ *  1 + 4/32 bytes an element; twice that when @p with_momentum is non-zero (the velocity
+ *  follows the residual). For static buffers; the output buffer of a streamed message is
+ *  IOTCOMPRESS_MAX_MESSAGE_LEN(numel, value_bits) (or smaller: see docs/mcu.md). */
+#define IOTCOMPRESS_STREAM_STATE_LEN(numel, state_format, with_momentum) (((state_format) == IOTCOMPRESS_STATE_F32 ? 4u * (numel) : (state_format) == IOTCOMPRESS_STATE_INT8 ? (numel) + 4u * (((numel) + 31u) / 32u) : 2u * (numel)) * ((with_momentum) ? 2u : 1u))
 
+
+/**
+ * Elements per scale block of `IOTCOMPRESS_STATE_INT8`.
+ */
+#define IOTCOMPRESS_STATE_BLOCK 32
 
 /**
  * The wire format version this library writes and reads.
@@ -41,9 +52,14 @@
 #define IOTCOMPRESS_STATE_MAGIC 1229148977
 
 /**
+ * Value of `IotcompressStream.magic` after `iotcompress_stream_init` ("ICT1").
+ */
+#define IOTCOMPRESS_STREAM_MAGIC 1229149233
+
+/**
  * The result of every function: `IOTCOMPRESS_OK` (0) or an error code.
  *
- * Codes 1 to 14 are *decode* errors (the message bytes are malformed), 15 to 20 are caller
+ * Codes 1 to 14 are *decode* errors (the message bytes are malformed), 15 to 22 are caller
  * errors reported by the core, 100 and up are errors of the C layer (bad pointers, state).
  * The values are stable: new codes are only ever added. `iotcompress_error_name` and
  * `iotcompress_error_message` describe them.
@@ -67,7 +83,9 @@ typedef uint32_t IotcompressQuant;
 typedef uint32_t IotcompressMomentum;
 
 /**
- * Element type of the residual and velocity buffers (`IotcompressConfig.state_format`).
+ * Element type of the residual and velocity (`IotcompressStreamConfig.state_format`;
+ * `IotcompressConfig.state_format` of the batch compressor accepts only
+ * `IOTCOMPRESS_STATE_F32`). See `IOTCOMPRESS_STREAM_STATE_LEN` for the sizes.
  */
 typedef uint32_t IotcompressStateFormat;
 
@@ -118,7 +136,8 @@ typedef struct IotcompressConfig {
    */
   float momentum;
   /**
-   * `IOTCOMPRESS_STATE_F32` (reserved for compact state formats; others are rejected).
+   * `IOTCOMPRESS_STATE_F32` (compact formats are for the streaming compressor; others
+   * are rejected here).
    */
   IotcompressStateFormat state_format;
   /**
@@ -292,6 +311,256 @@ typedef struct IotcompressHeader {
 } IotcompressHeader;
 
 /**
+ * Configuration of a streaming compressor (`iotcompress_stream_*`): threshold selection over
+ * a gradient fed in chunks. Start from `iotcompress_stream_config_default`, then set `numel`
+ * and `threshold` (and what else you need).
+ */
+typedef struct IotcompressStreamConfig {
+  /**
+   * Elements of the whole gradient.
+   */
+  uint32_t numel;
+  /**
+   * Threshold `Wt` (finite, > 0): fixed, or the adaptive controller's starting point.
+   */
+  float threshold;
+  /**
+   * Adaptive threshold aiming at this many selected entries per message (0: not).
+   */
+  uint32_t target_count;
+  /**
+   * Adaptive threshold aiming at messages of about this many bytes (0: not). At most one
+   * of `target_count` and `target_bytes` may be non-zero; both zero: `Wt` stays fixed.
+   */
+  uint32_t target_bytes;
+  /**
+   * `IOTCOMPRESS_QUANT_F32`, `_F16`, `_BF16`, `_INT8` or `_INT4`.
+   */
+  IotcompressQuant quant;
+  /**
+   * One of `IOTCOMPRESS_MOMENTUM_*`.
+   */
+  IotcompressMomentum momentum_kind;
+  /**
+   * Momentum factor in [0, 1) (ignored with `IOTCOMPRESS_MOMENTUM_NONE`).
+   */
+  float momentum;
+  /**
+   * One of `IOTCOMPRESS_STATE_*`: how the residual (and velocity) are stored.
+   */
+  IotcompressStateFormat state_format;
+} IotcompressStreamConfig;
+
+/**
+ * How large the caller's buffers must be for a streaming configuration.
+ */
+typedef struct IotcompressStreamSizes {
+  /**
+   * `sizeof(IotcompressStream)` as this library was built.
+   */
+  size_t stream_size;
+  /**
+   * Bytes of the state buffer (residual, then velocity with momentum); zero it before the
+   * first message. Equals `IOTCOMPRESS_STREAM_STATE_LEN`.
+   */
+  size_t state_len;
+  /**
+   * The smallest output buffer (header and checksum only: every entry held back).
+   */
+  size_t min_message_len;
+  /**
+   * The recommended output buffer (`IOTCOMPRESS_MAX_MESSAGE_LEN`): nothing is held back
+   * unless far more entries than expected cross the threshold.
+   */
+  size_t full_message_len;
+  /**
+   * Bytes reserved for the header at the start of the output while streaming.
+   */
+  size_t header_reserve;
+} IotcompressStreamSizes;
+
+/**
+ * A message in progress (inside `IotcompressStream`): plain numbers; change nothing.
+ */
+typedef struct IotcompressStreamMessage {
+  /**
+   * Address of the state buffer given to begin (compared, never dereferenced).
+   */
+  size_t state_addr;
+  /**
+   * Address of the output buffer given to begin (compared, never dereferenced).
+   */
+  size_t out_addr;
+  /**
+   * Bytes of the output buffer given to begin.
+   */
+  size_t out_len;
+  /**
+   * Elements of the gradient.
+   */
+  uint32_t numel;
+  /**
+   * Elements fed so far.
+   */
+  uint32_t fed;
+  /**
+   * Entries with `|v| >= Wt` so far.
+   */
+  uint32_t selected;
+  /**
+   * Entries sent so far.
+   */
+  uint32_t nnz;
+  /**
+   * The threshold of this message.
+   */
+  float threshold;
+  /**
+   * The value scale (int8/int4) of this message.
+   */
+  float scale;
+  /**
+   * The adaptive target count of this message (0 when fixed).
+   */
+  uint32_t target;
+  /**
+   * The Rice parameter of this message.
+   */
+  uint32_t rice_k;
+  /**
+   * Position after the last entry sent.
+   */
+  uint32_t next;
+  /**
+   * Whole bytes of the index block so far.
+   */
+  uint32_t index_bytes;
+  /**
+   * Index bits not yet a whole byte.
+   */
+  uint32_t index_pending;
+  /**
+   * Number of bits in `index_pending`.
+   */
+  uint32_t index_pending_bits;
+  /**
+   * Bytes of the value block so far.
+   */
+  uint32_t value_bytes;
+  /**
+   * The largest `|v|` selected so far.
+   */
+  float max_selected;
+  /**
+   * Non-zero once finished (and before the first begin).
+   */
+  uint32_t closed;
+  /**
+   * Int8 state: the new residual of the current block.
+   */
+  float block[IOTCOMPRESS_STATE_BLOCK];
+  /**
+   * Int8 state with momentum: the new velocity of the current block.
+   */
+  float block_velocity[IOTCOMPRESS_STATE_BLOCK];
+} IotcompressStreamMessage;
+
+/**
+ * A streaming compressor: configuration, the state kept between messages (adaptive
+ * threshold, the previous message's largest value and count) and the message in progress.
+ * Set up by `iotcompress_stream_init`; a plain struct (a checkpoint is a copy of it plus the
+ * state buffer), re-validated on every call.
+ */
+typedef struct IotcompressStream {
+  /**
+   * The configuration (re-validated on every call).
+   */
+  struct IotcompressStreamConfig config;
+  /**
+   * Messages finished so far.
+   */
+  uint64_t messages;
+  /**
+   * `IOTCOMPRESS_STREAM_MAGIC` once initialised.
+   */
+  uint32_t magic;
+  /**
+   * Adaptive threshold (0 before the first message: `config.threshold` is used).
+   */
+  float threshold;
+  /**
+   * Adaptive: measured bits per sent entry of the last message.
+   */
+  float bits_per_entry;
+  /**
+   * The largest `|v|` selected by the last message that selected any (the next int8/int4
+   * scale is `max(last_max, 2 Wt) / 127` (or `/ 7`)).
+   */
+  float last_max;
+  /**
+   * Entries selected by the last message (sets the next Rice parameter when fixed).
+   */
+  uint32_t last_selected;
+  /**
+   * Must be 0.
+   */
+  uint32_t reserved;
+  /**
+   * The message in progress.
+   */
+  struct IotcompressStreamMessage message;
+} IotcompressStream;
+
+/**
+ * The caller-owned buffers of a streaming compressor: pass the same ones to begin, every
+ * feed and finish of a message.
+ */
+typedef struct IotcompressStreamBuffers {
+  /**
+   * The residual (and velocity) in the configured format, `state_len` bytes.
+   */
+  uint8_t *state;
+  /**
+   * Bytes of `state`.
+   */
+  size_t state_len;
+  /**
+   * The output buffer: the message is written here as the chunks arrive.
+   */
+  uint8_t *out;
+  /**
+   * Bytes of `out` (at least `min_message_len`).
+   */
+  size_t out_cap;
+} IotcompressStreamBuffers;
+
+/**
+ * What one streamed message contains.
+ */
+typedef struct IotcompressStreamInfo {
+  /**
+   * Bytes of the message, at the start of the output buffer.
+   */
+  size_t bytes;
+  /**
+   * Entries sent.
+   */
+  uint32_t nnz;
+  /**
+   * Entries with `|v| >= Wt` (sent, or held back when the output buffer was full).
+   */
+  uint32_t selected;
+  /**
+   * The threshold `Wt` of this message.
+   */
+  float threshold;
+  /**
+   * The value scale of this message (int8/int4; 0 otherwise).
+   */
+  float scale;
+} IotcompressStreamInfo;
+
+/**
  * Success.
  */
 #define IOTCOMPRESS_OK 0
@@ -395,6 +664,16 @@ typedef struct IotcompressHeader {
  * An option is out of range or an enum value is unknown.
  */
 #define IOTCOMPRESS_ERR_INVALID_CONFIG 20
+
+/**
+ * A streamed message was finished before all `numel` elements were fed.
+ */
+#define IOTCOMPRESS_ERR_INCOMPLETE 21
+
+/**
+ * A streamed message was fed or finished after it was finished (or before any begin).
+ */
+#define IOTCOMPRESS_ERR_STREAM_CLOSED 22
 
 /**
  * A required pointer is NULL (or NULL with a non-zero length).
@@ -502,10 +781,25 @@ typedef struct IotcompressHeader {
 #define IOTCOMPRESS_MOMENTUM_NESTEROV 2
 
 /**
- * float32 residual and velocity: the only format of this version. Compact formats
- * (f16/bf16, int8 with a scale) are reserved for a later version.
+ * float32 residual and velocity (exact).
  */
 #define IOTCOMPRESS_STATE_F32 0
+
+/**
+ * IEEE half precision (2 bytes an element; saturates beyond +-65504).
+ */
+#define IOTCOMPRESS_STATE_F16 1
+
+/**
+ * bfloat16 (2 bytes an element).
+ */
+#define IOTCOMPRESS_STATE_BF16 2
+
+/**
+ * int8 codes with one float scale per block of `IOTCOMPRESS_STATE_BLOCK` elements
+ * (1 + 4/32 bytes an element).
+ */
+#define IOTCOMPRESS_STATE_INT8 3
 
 /**
  * Every element is sent: no index block.
@@ -644,6 +938,94 @@ IotcompressStatus iotcompress_parse(const uint8_t *msg,
  * 1..=255.
  */
 size_t iotcompress_max_message_len(IotcompressQuant quant, uint32_t qsgd_levels, uint32_t numel);
+
+/**
+ * Fills `*config` with the streaming defaults: no elements and no threshold (set `numel` and
+ * `threshold`), f32 values, f32 state, no momentum, fixed threshold.
+ *
+ * # Safety
+ * `config` must be NULL or point at writable memory for one `IotcompressStreamConfig`.
+ */
+IotcompressStatus iotcompress_stream_config_default(struct IotcompressStreamConfig *config);
+
+/**
+ * Validates a streaming configuration and reports the sizes of the caller's buffers: the
+ * state buffer (bytes), the smallest and the recommended output buffer, and
+ * `sizeof(IotcompressStream)`.
+ *
+ * # Safety
+ * `config` must be NULL or point at a readable struct; `sizes` NULL or writable for one.
+ */
+IotcompressStatus iotcompress_stream_sizes(const struct IotcompressStreamConfig *config,
+                                           struct IotcompressStreamSizes *sizes);
+
+/**
+ * Sets up `*stream` with `config` (copied): no message open, no history. Zero the state
+ * buffer before the first message.
+ *
+ * # Safety
+ * `stream` must be NULL or writable for one `IotcompressStream`; `config` NULL or readable.
+ */
+IotcompressStatus iotcompress_stream_init(struct IotcompressStream *stream,
+                                          const struct IotcompressStreamConfig *config);
+
+/**
+ * Starts a message: fixes its threshold, Rice parameter and value scale and reserves the
+ * header in `bufs->out`. Then feed the gradient in order with `iotcompress_stream_feed` and
+ * end with `iotcompress_stream_finish`, with the same buffers (contents untouched between
+ * the calls). Beginning again abandons an open message (its entries then stay lost from
+ * the residual: always finish).
+ *
+ * Errors: `IOTCOMPRESS_ERR_LENGTH_MISMATCH` (`state_len` is not the configured size),
+ * `IOTCOMPRESS_ERR_BUFFER_TOO_SMALL` (`out_cap` below `min_message_len`),
+ * `IOTCOMPRESS_ERR_BAD_STATE`, `IOTCOMPRESS_ERR_INVALID_CONFIG`, and the pointer errors.
+ *
+ * # Safety
+ * `stream` and `bufs` must be NULL or point at live structs, and the buffers of `bufs` at
+ * as many bytes as their lengths say; no other thread may access them during the call.
+ */
+IotcompressStatus iotcompress_stream_begin(struct IotcompressStream *stream,
+                                           const struct IotcompressStreamBuffers *bufs);
+
+/**
+ * Feeds the next `grad_len` elements of the gradient (any chunking gives the same message).
+ *
+ * Errors leave the stream, the state and the output unchanged:
+ * `IOTCOMPRESS_ERR_LENGTH_MISMATCH` (more elements than remain, or other buffers than at
+ * begin), `IOTCOMPRESS_ERR_NON_FINITE_GRADIENT`, `IOTCOMPRESS_ERR_OVERFLOW`,
+ * `IOTCOMPRESS_ERR_STREAM_CLOSED` (no message open), `IOTCOMPRESS_ERR_BAD_STATE`,
+ * `IOTCOMPRESS_ERR_INVALID_CONFIG` (the struct was changed), and the pointer errors.
+ *
+ * # Safety
+ * As for `iotcompress_stream_begin`; `grad` must point at `grad_len` readable floats (NULL
+ * only with length 0).
+ */
+IotcompressStatus iotcompress_stream_feed(struct IotcompressStream *stream,
+                                          const struct IotcompressStreamBuffers *bufs,
+                                          const float *grad,
+                                          size_t grad_len);
+
+/**
+ * Completes the message: writes the header, moves the blocks next to it and appends the
+ * checksum; the message is `bufs->out[0 .. info->bytes]`. Then updates the adaptive
+ * threshold and the next message's scale. `*info` (if not NULL) receives the length and the
+ * counts.
+ *
+ * Errors (nothing changed): `IOTCOMPRESS_ERR_INCOMPLETE` (not every element was fed),
+ * `IOTCOMPRESS_ERR_STREAM_CLOSED`, `IOTCOMPRESS_ERR_LENGTH_MISMATCH` (other buffers),
+ * `IOTCOMPRESS_ERR_BAD_STATE`, `IOTCOMPRESS_ERR_INVALID_CONFIG`, the pointer errors.
+ *
+ * # Safety
+ * As for `iotcompress_stream_begin`; `info` must be NULL or writable for one struct.
+ */
+IotcompressStatus iotcompress_stream_finish(struct IotcompressStream *stream,
+                                            const struct IotcompressStreamBuffers *bufs,
+                                            struct IotcompressStreamInfo *info);
+
+/**
+ * `sizeof(IotcompressStream)` as the library was built.
+ */
+size_t iotcompress_stream_size(void);
 
 /**
  * The name of a status code, e.g. `"IOTCOMPRESS_ERR_CHECKSUM_MISMATCH"`; never NULL

@@ -237,10 +237,31 @@ def test_c_header_and_library_on_the_host(host_lib, tmp_path):
         assert "host_test: 0 failures" in out
 
 
+def example_gradient(step: int, numel: int = 1000) -> np.ndarray:
+    """firmware/example.c's compute_gradient, in float32 like the C code."""
+    i = np.arange(numel, dtype=np.uint64)
+    x = ((i * 2654435761) % 2**32) ^ ((step * 40503) % 2**32)
+    return (np.float32(1) * (x % 2001).astype(np.float32) / np.float32(1000) - np.float32(1)).astype(np.float32)
+
+
+def check_example_output(out: str) -> None:
+    """The example's messages: equal to iotcompress.StreamingCompressor's for the same
+    gradients (fed in the same chunks), and decoded on the host to what the device's
+    server printed."""
+    msgs = [bytes.fromhex(w.split()[1]) for w in out.splitlines() if w.startswith("MSG ")]
+    sent = re.findall(r"sent (\d+) bytes: (\d+) of 1000 entries", out)
+    assert len(msgs) == 5 and len(sent) == 5
+    host = ic.StreamingCompressor(1000, threshold=0.9, target_count=50, quant="int8", momentum=0.9, state="int8")
+    for step, (msg, (nbytes, nnz)) in enumerate(zip(msgs, sent)):
+        want = host.compress(example_gradient(step), chunks=[100] * 10)
+        assert msg == want, f"step {step}:\n device {msg.hex()}\n host   {want.hex()}"
+        assert (len(msg), ic.inspect(msg)["nnz"]) == (int(nbytes), int(nnz)) and int(nnz) > 0
+        ic.decode(msg, 1000)
+
+
 def test_docs_example_compiles_runs_and_is_shown_verbatim(host_lib, tmp_path):
     out = _build_and_run(tmp_path, host_lib, "example.c", ["gcc", "-std=c99"])
-    sent = re.findall(r"sent (\d+) bytes: (\d+) of 1000 entries", out)
-    assert len(sent) == 5 and all(int(n) > 0 for _, n in sent)
+    check_example_output(out)
     docs = (ROOT / "docs" / "mcu.md").read_text()
     assert (FIRMWARE / "example.c").read_text().strip() in docs, "docs/mcu.md must show firmware/example.c"
 
@@ -253,3 +274,127 @@ def test_docs_example_prints_the_same_on_the_device(firmware, host_lib, tmp_path
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert (r.stdout + r.stderr).splitlines() == host.splitlines()
+    check_example_output(r.stdout + r.stderr)
+
+
+# ------------------------------------------------------------- the 20 kB-SRAM budget example
+
+TRAIN20K_NUMEL = 2410
+RAM_BUDGET = 20 * 1024
+
+
+def _fnv_weights(w: np.ndarray) -> int:
+    digest = 2166136261
+    for bits in w.view(np.uint32).tolist():
+        digest = ((digest ^ bits) * 16777619) % 2**32
+    return digest
+
+
+def _train20k_initial_weights() -> np.ndarray:
+    """train20k.c's initial weights, in float32 like the C code."""
+    def hash32(v):
+        m = 0xFFFFFFFF
+        v = v & m
+        v ^= v >> 16
+        v = (v * 0x7FEB352D) & m
+        v ^= v >> 15
+        v = (v * 0x846CA68B) & m
+        v ^= v >> 16
+        return v
+    i = np.arange(TRAIN20K_NUMEL, dtype=np.uint64)
+    unit = (hash32(i + 12345) & 0xFFFF).astype(np.float32) / np.float32(32768) - np.float32(1)
+    fan = np.where(i < 32 * 65, np.float32(0.125), np.float32(0.177)).astype(np.float32)
+    return (fan * unit).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def train20k_run(firmware) -> str:
+    elf = firmware / "mps2-an385" / "train20k.elf"
+    cmd = ["qemu-system-arm", "-M", "mps2-an385", "-nographic", "-monitor", "none", "-serial", "null",
+           "-semihosting", "-kernel", str(elf)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "ERR " not in out and "FAULT" not in out, out[-3000:]
+    return out
+
+
+def test_train20k_fits_in_20_kib_of_ram(firmware, train20k_run):
+    """.data + .bss + the reserved stack fit in 20 KiB (the linker script's whole RAM), and the
+    stack measured by painting stays inside its reservation."""
+    elf = firmware / "mps2-an385" / "train20k.elf"
+    sizes = subprocess.run(["arm-none-eabi-size", "-A", str(elf)], capture_output=True, text=True,
+                           check=True).stdout
+    sec = {p[0]: int(p[1]) for p in (ln.split() for ln in sizes.splitlines()) if len(p) >= 2 and p[1].isdigit()}
+    syms = subprocess.run(["arm-none-eabi-nm", str(elf)], capture_output=True, text=True, check=True).stdout
+    addr = {p[2]: int(p[0], 16) for p in (ln.split() for ln in syms.splitlines()) if len(p) == 3}
+    ram_start = 0x20000000
+    stack_reserved = addr["__stack_top"] - addr["__stack_limit"]
+    assert addr["__stack_top"] - ram_start == RAM_BUDGET, "the linker script's RAM must be 20 KiB"
+    static = sec.get(".data", 0) + sec.get(".bss", 0)
+    assert static + stack_reserved <= RAM_BUDGET, (static, stack_reserved)
+    peak = int(re.search(r"^STACK (\d+)$", train20k_run, re.M).group(1))
+    assert 0 < peak < stack_reserved, (peak, stack_reserved)
+
+
+def test_train20k_learns_and_its_messages_decode_on_the_host(train20k_run):
+    lines = train20k_run.splitlines()
+    acc = [(int(w[1]), int(w[2])) for w in (ln.split() for ln in lines) if w[0] == "ACC"]
+    assert acc[0][0] == 0 and acc[0][1] <= 40, acc  # chance is 20 of 200
+    assert acc[-1][1] >= 150, acc
+    msgs = [ln.split() for ln in lines if ln.startswith("MSG ")]
+    assert len(msgs) == 200
+    # The host decodes every message and, replaying the updates, ends with the device's model.
+    w = _train20k_initial_weights()
+    for step, (_, s, nnz, selected, hexmsg) in enumerate(msgs):
+        msg = bytes.fromhex(hexmsg)
+        info = ic.inspect(msg)
+        assert int(s) == step and len(msg) <= 512
+        assert (info["numel"], info["nnz"], info["quant"], info["index"]) == (TRAIN20K_NUMEL, int(nnz), "int8", "rice")
+        assert int(nnz) <= int(selected)
+        ic.decode_add(msg, w, scale=-0.5)
+    done = next(ln.split() for ln in lines if ln.startswith("DONE "))
+    assert _fnv_weights(w) == int(done[4])
+
+
+def test_train20k_host_build_prints_the_same(host_lib, tmp_path, train20k_run):
+    exe = tmp_path / "train20k"
+    cmd = ["gcc", "-std=c99", "-O2", "-ffp-contract=off", "-DHOST", "-Wall", "-Wextra", "-Werror", "-pedantic",
+           f"-I{ROOT / 'include'}", str(FIRMWARE / "train20k.c"), str(host_lib), "-lpthread", "-ldl", "-lm",
+           "-o", str(exe)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    host = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120).stdout
+    strip = lambda text: [ln for ln in text.splitlines() if not ln.startswith("STACK ")]  # noqa: E731
+    assert strip(host) == strip(train20k_run)
+
+
+# ------------------------------------------------------------------ the streaming path's size
+
+_spec_size = importlib.util.spec_from_file_location("size_report", FIRMWARE / "size_report.py")
+size_report = importlib.util.module_from_spec(_spec_size)
+_spec_size.loader.exec_module(size_report)
+
+#: Symbols a firmware that only streams must not link: the batch pipeline, top-k and DGC
+#: sampling, and double-precision soft-float.
+BATCH_ONLY = re.compile(
+    r"Compressor::compress|Compressor::top_k|SamplePlan|kth_largest|select_nth|sqrt_f64|"
+    r"ThresholdController::update|__aeabi_d|__aeabi_[a-z0-9]*2d$|df[23]$|f64"
+)
+
+
+def test_streaming_path_fits_16_kib_of_flash_and_2_kib_of_stack(firmware):
+    """The issue's budget on thumbv7em: threshold + int8 + wire encode in 16 kB of flash and
+    2 kB of stack, measured on the size probe that only uses the streaming encoder."""
+    elf = firmware / "mps2-an386" / "size-stream_int8.elf"
+    r = subprocess.run(["make", "-C", str(FIRMWARE), str(elf)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    share = size_report.lib_share(Path(str(elf) + ".map"))
+    flash = sum(share.get(s, 0) for s in size_report.FLASH_SECTIONS)
+    assert 0 < flash <= 16 * 1024, f"library flash {flash} B"
+    names = subprocess.run(["arm-none-eabi-nm", "-C", str(elf)], capture_output=True, text=True, check=True).stdout
+    linked = [ln.split(None, 2)[-1] for ln in names.splitlines() if len(ln.split()) >= 3]
+    bad = [n for n in linked if BATCH_ONLY.search(n)]
+    assert not bad, f"the streaming firmware links batch-only code: {bad}"
+    probe = size_report.run_probe("mps2-an386", elf)
+    assert probe["status"] == 0 and probe["nnz"] > 0
+    assert 0 < probe["stack_compress"] < 2048, probe

@@ -6,7 +6,8 @@
 
 use iotcompress_core::{
     decode_add as core_decode_add, parse, Config, Error, IndexCoding, Momentum, OwnedCompressor,
-    Quant, Selection, Target,
+    Quant, Selection, StateFormat, StreamCompressor, StreamConfig, StreamInfo, StreamMessage,
+    StreamTarget, Target,
 };
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadwriteArray1};
 use pyo3::exceptions::PyValueError;
@@ -221,6 +222,165 @@ impl PyCompressor {
     }
 }
 
+/// The streaming encoder with its owned state and output buffers.
+#[pyclass(module = "iotcompress._iotcompress", name = "StreamingCompressor")]
+struct PyStreaming {
+    inner: StreamCompressor,
+    state: Vec<u8>,
+    out: Vec<u8>,
+    message: Option<StreamMessage>,
+    last: StreamInfo,
+}
+
+#[pymethods]
+impl PyStreaming {
+    #[new]
+    #[pyo3(signature = (numel, threshold, target_count, target_bytes, quant, state, momentum, nesterov, capacity))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        numel: usize,
+        threshold: f32,
+        target_count: Option<u32>,
+        target_bytes: Option<u32>,
+        quant: &str,
+        state: &str,
+        momentum: f32,
+        nesterov: bool,
+        capacity: Option<usize>,
+    ) -> PyResult<Self> {
+        let quant =
+            Quant::from_name(quant).ok_or_else(|| PyValueError::new_err("unknown quantiser"))?;
+        let state = match state {
+            "f32" => StateFormat::F32,
+            "f16" => StateFormat::F16,
+            "bf16" => StateFormat::Bf16,
+            "int8" => StateFormat::Int8,
+            _ => return Err(PyValueError::new_err("unknown state format")),
+        };
+        let target = match (target_count, target_bytes) {
+            (None, None) => StreamTarget::Fixed,
+            (Some(c), None) => StreamTarget::Count(c),
+            (None, Some(b)) => StreamTarget::Bytes(b),
+            _ => return Err(PyValueError::new_err("conflicting targets")),
+        };
+        let config = StreamConfig {
+            numel,
+            threshold,
+            target,
+            quant,
+            momentum: Momentum::new(momentum, nesterov),
+            state,
+        };
+        let inner = StreamCompressor::new(config).map_err(|e| to_py(py, e))?;
+        let cap = capacity.unwrap_or(config.full_message_len());
+        Ok(PyStreaming {
+            inner,
+            state: vec![0; config.state_len()],
+            out: vec![0; cap],
+            message: None,
+            last: StreamInfo::default(),
+        })
+    }
+
+    /// Starts a message (abandoning an unfinished one).
+    fn begin(&mut self, py: Python<'_>) -> PyResult<()> {
+        let m = self
+            .inner
+            .begin(&self.state, &self.out)
+            .map_err(|e| to_py(py, e))?;
+        self.message = Some(m);
+        Ok(())
+    }
+
+    /// Feeds the next chunk of the open message; the GIL is released meanwhile.
+    fn feed(&mut self, py: Python<'_>, chunk: PyReadonlyArray1<'_, f32>) -> PyResult<()> {
+        let chunk = chunk
+            .as_slice()
+            .map_err(|_| PyValueError::new_err("chunk must be contiguous"))?;
+        let (inner, state, out) = (&self.inner, &mut self.state, &mut self.out);
+        let m = self
+            .message
+            .as_mut()
+            .ok_or_else(|| to_py(py, Error::StreamClosed))?;
+        py.detach(|| m.feed(inner, state, out, chunk))
+            .map_err(|e| to_py(py, e))
+    }
+
+    /// Completes the open message and returns its bytes.
+    fn finish<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let m = self
+            .message
+            .as_mut()
+            .ok_or_else(|| to_py(py, Error::StreamClosed))?;
+        let info = m
+            .finish(&mut self.inner, &self.state, &mut self.out)
+            .map_err(|e| to_py(py, e))?;
+        self.message = None;
+        self.last = info;
+        Ok(PyBytes::new(py, &self.out[..info.bytes]))
+    }
+
+    /// Elements fed to the open message (0 when none is open).
+    #[getter]
+    fn fed(&self) -> usize {
+        self.message.map_or(0, |m| m.fed())
+    }
+
+    /// The stored residual, as float32.
+    #[getter]
+    fn residual<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f32>> {
+        let n = self.inner.config().numel;
+        let v: Vec<f32> = (0..n)
+            .map(|i| self.inner.residual_at(&self.state, i))
+            .collect();
+        PyArray1::from_vec(py, v)
+    }
+
+    /// The stored velocity, as float32 (zeros without momentum).
+    #[getter]
+    fn velocity<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f32>> {
+        let n = self.inner.config().numel;
+        let v: Vec<f32> = (0..n)
+            .map(|i| self.inner.velocity_at(&self.state, i))
+            .collect();
+        PyArray1::from_vec(py, v)
+    }
+
+    /// The raw state buffer (residual, then velocity, in the configured format).
+    #[getter]
+    fn state_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.state)
+    }
+
+    /// The threshold the next message uses.
+    #[getter]
+    fn threshold(&self) -> f32 {
+        self.inner.threshold()
+    }
+
+    #[getter]
+    fn messages(&self) -> u64 {
+        self.inner.messages
+    }
+
+    /// `(bytes, nnz, selected, threshold, scale)` of the last finished message.
+    fn last_info(&self) -> (usize, usize, usize, f32, f32) {
+        let i = self.last;
+        (i.bytes, i.nnz, i.selected, i.threshold, i.scale)
+    }
+
+    #[getter]
+    fn capacity(&self) -> usize {
+        self.out.len()
+    }
+
+    #[getter]
+    fn state_len(&self) -> usize {
+        self.state.len()
+    }
+}
+
 /// `out += scale * message`, all or nothing; the GIL is released meanwhile.
 #[pyfunction]
 fn decode_add(
@@ -317,6 +477,7 @@ fn max_encoded_len(numel: usize, quant: &str) -> PyResult<usize> {
 #[pymodule]
 fn _iotcompress(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyCompressor>()?;
+    m.add_class::<PyStreaming>()?;
     m.add_function(wrap_pyfunction!(decode_add, m)?)?;
     m.add_function(wrap_pyfunction!(decode, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;

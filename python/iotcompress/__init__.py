@@ -17,6 +17,7 @@ PyTorch users: see :mod:`iotcompress.torch`.
 from importlib.metadata import PackageNotFoundError, version as _version
 
 from ._core import DEFAULT_MAX_NUMEL, QUANTS, Compressor, decode, decode_add, inspect, simd_level
+from ._stream import STATE_FORMATS, STREAM_QUANTS, StreamingCompressor
 from ._iotcompress import WIRE_VERSION
 from .errors import CompressError, DecodeError, IotCompressError
 
@@ -27,6 +28,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "Compressor",
+    "StreamingCompressor",
     "decode",
     "decode_add",
     "inspect",
@@ -35,6 +37,8 @@ __all__ = [
     "DecodeError",
     "CompressError",
     "QUANTS",
+    "STREAM_QUANTS",
+    "STATE_FORMATS",
     "DEFAULT_MAX_NUMEL",
     "WIRE_VERSION",
     "__version__",

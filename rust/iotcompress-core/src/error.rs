@@ -50,6 +50,10 @@ pub enum Error {
     Overflow,
     /// An option is out of range (density, threshold, momentum, levels, numel).
     InvalidConfig,
+    /// A streamed message was finished before all `numel` elements were fed.
+    Incomplete,
+    /// A streamed message was fed or finished after it was finished.
+    StreamClosed,
 }
 
 impl Error {
@@ -78,6 +82,8 @@ impl Error {
             Error::NonFiniteGradient => "gradient contains NaN or infinity (state left unchanged)",
             Error::Overflow => "accumulated gradient overflowed float32",
             Error::InvalidConfig => "invalid compressor configuration",
+            Error::Incomplete => "streamed message finished before all elements were fed",
+            Error::StreamClosed => "streamed message already finished",
         }
     }
 

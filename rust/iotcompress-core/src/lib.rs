@@ -13,6 +13,10 @@
 //! 4. [`wire`]: encode them in wire format v1 (`docs/wire-format.md`) — and on the other side
 //!    [`decode_add`] them into a dense buffer.
 //!
+//! [`stream`] does the same for a gradient that arrives in chunks (threshold selection, the
+//! message written as the chunks come, optionally a compact f16/bf16/int8 residual): the path
+//! for microcontrollers that cannot hold the whole gradient.
+//!
 //! ```
 //! use iotcompress_core::{Buffers, Compressor, Config, Quant, Selection, decode_add};
 //!
@@ -48,6 +52,7 @@ mod owned;
 pub mod quant;
 pub mod rng;
 pub mod select;
+pub mod stream;
 pub mod wire;
 
 pub use compress::{Buffers, Compressor, Config, StepInfo};
@@ -58,4 +63,8 @@ pub use float::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
 pub use owned::{decode_to_vec, OwnedCompressor};
 pub use quant::Quant;
 pub use select::{k_for_density, Selection, Target, ThresholdController};
+pub use stream::{
+    StateFormat, StreamCompressor, StreamConfig, StreamEncoder, StreamInfo, StreamMessage,
+    StreamTarget,
+};
 pub use wire::{decode_add, max_encoded_len, parse, Header, IndexCoding, Message};

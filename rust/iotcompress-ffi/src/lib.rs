@@ -26,14 +26,15 @@ use core::mem::{align_of, size_of};
 
 use iotcompress_core::{
     decode_add, parse, Buffers, Compressor, Config, Error, Header, IndexCoding, Momentum, Quant,
-    Selection, Target, ThresholdController,
+    Selection, StateFormat, StreamCompressor, StreamConfig, StreamMessage, StreamTarget, Target,
+    ThresholdController,
 };
 
 // --- status codes ------------------------------------------------------------------------
 
 /// The result of every function: `IOTCOMPRESS_OK` (0) or an error code.
 ///
-/// Codes 1 to 14 are *decode* errors (the message bytes are malformed), 15 to 20 are caller
+/// Codes 1 to 14 are *decode* errors (the message bytes are malformed), 15 to 22 are caller
 /// errors reported by the core, 100 and up are errors of the C layer (bad pointers, state).
 /// The values are stable: new codes are only ever added. `iotcompress_error_name` and
 /// `iotcompress_error_message` describe them.
@@ -81,6 +82,10 @@ pub const IOTCOMPRESS_ERR_NON_FINITE_GRADIENT: IotcompressStatus = 18;
 pub const IOTCOMPRESS_ERR_OVERFLOW: IotcompressStatus = 19;
 /// An option is out of range or an enum value is unknown.
 pub const IOTCOMPRESS_ERR_INVALID_CONFIG: IotcompressStatus = 20;
+/// A streamed message was finished before all `numel` elements were fed.
+pub const IOTCOMPRESS_ERR_INCOMPLETE: IotcompressStatus = 21;
+/// A streamed message was fed or finished after it was finished (or before any begin).
+pub const IOTCOMPRESS_ERR_STREAM_CLOSED: IotcompressStatus = 22;
 /// A required pointer is NULL (or NULL with a non-zero length).
 pub const IOTCOMPRESS_ERR_NULL_POINTER: IotcompressStatus = 100;
 /// A pointer is not aligned for its element type.
@@ -117,6 +122,8 @@ enum Status {
     ErrNonFiniteGradient = IOTCOMPRESS_ERR_NON_FINITE_GRADIENT,
     ErrOverflow = IOTCOMPRESS_ERR_OVERFLOW,
     ErrInvalidConfig = IOTCOMPRESS_ERR_INVALID_CONFIG,
+    ErrIncomplete = IOTCOMPRESS_ERR_INCOMPLETE,
+    ErrStreamClosed = IOTCOMPRESS_ERR_STREAM_CLOSED,
     ErrNullPointer = IOTCOMPRESS_ERR_NULL_POINTER,
     ErrMisaligned = IOTCOMPRESS_ERR_MISALIGNED,
     ErrOverlap = IOTCOMPRESS_ERR_OVERLAP,
@@ -147,13 +154,15 @@ impl From<Error> for Status {
             Error::NonFiniteGradient => Status::ErrNonFiniteGradient,
             Error::Overflow => Status::ErrOverflow,
             Error::InvalidConfig => Status::ErrInvalidConfig,
+            Error::Incomplete => Status::ErrIncomplete,
+            Error::StreamClosed => Status::ErrStreamClosed,
             _ => Status::ErrUnknown,
         }
     }
 }
 
 /// Name and message of each code, NUL-terminated for C.
-const STATUS_TEXT: [(Status, &CStr, &CStr); 25] = [
+const STATUS_TEXT: [(Status, &CStr, &CStr); 27] = [
     (Status::Ok, c"IOTCOMPRESS_OK", c"success"),
     (
         Status::ErrTruncated,
@@ -256,6 +265,16 @@ const STATUS_TEXT: [(Status, &CStr, &CStr); 25] = [
         c"invalid compressor configuration",
     ),
     (
+        Status::ErrIncomplete,
+        c"IOTCOMPRESS_ERR_INCOMPLETE",
+        c"streamed message finished before all elements were fed",
+    ),
+    (
+        Status::ErrStreamClosed,
+        c"IOTCOMPRESS_ERR_STREAM_CLOSED",
+        c"streamed message already finished (or not begun)",
+    ),
+    (
         Status::ErrNullPointer,
         c"IOTCOMPRESS_ERR_NULL_POINTER",
         c"a required pointer is NULL",
@@ -330,11 +349,22 @@ pub const IOTCOMPRESS_MOMENTUM_VANILLA: IotcompressMomentum = 1;
 /// DGC Nesterov momentum correction with factor `momentum`.
 pub const IOTCOMPRESS_MOMENTUM_NESTEROV: IotcompressMomentum = 2;
 
-/// Element type of the residual and velocity buffers (`IotcompressConfig.state_format`).
+/// Element type of the residual and velocity (`IotcompressStreamConfig.state_format`;
+/// `IotcompressConfig.state_format` of the batch compressor accepts only
+/// `IOTCOMPRESS_STATE_F32`). See `IOTCOMPRESS_STREAM_STATE_LEN` for the sizes.
 pub type IotcompressStateFormat = u32;
-/// float32 residual and velocity: the only format of this version. Compact formats
-/// (f16/bf16, int8 with a scale) are reserved for a later version.
+/// float32 residual and velocity (exact).
 pub const IOTCOMPRESS_STATE_F32: IotcompressStateFormat = 0;
+/// IEEE half precision (2 bytes an element; saturates beyond +-65504).
+pub const IOTCOMPRESS_STATE_F16: IotcompressStateFormat = 1;
+/// bfloat16 (2 bytes an element).
+pub const IOTCOMPRESS_STATE_BF16: IotcompressStateFormat = 2;
+/// int8 codes with one float scale per block of `IOTCOMPRESS_STATE_BLOCK` elements
+/// (1 + 4/32 bytes an element).
+pub const IOTCOMPRESS_STATE_INT8: IotcompressStateFormat = 3;
+/// Elements per scale block of `IOTCOMPRESS_STATE_INT8`.
+pub const IOTCOMPRESS_STATE_BLOCK: usize = 32;
+const _: () = assert!(IOTCOMPRESS_STATE_BLOCK == StateFormat::BLOCK);
 
 /// Index coding of `IotcompressHeader.index_coding` (wire ids).
 pub type IotcompressIndexCoding = u32;
@@ -350,6 +380,8 @@ pub const IOTCOMPRESS_WIRE_VERSION: u32 = 1;
 const _: () = assert!(IOTCOMPRESS_WIRE_VERSION == iotcompress_core::wire::VERSION as u32);
 /// Value of `IotcompressCompressor.magic` after `iotcompress_init` ("ICS1").
 pub const IOTCOMPRESS_STATE_MAGIC: u32 = 0x4943_5331;
+/// Value of `IotcompressStream.magic` after `iotcompress_stream_init` ("ICT1").
+pub const IOTCOMPRESS_STREAM_MAGIC: u32 = 0x4943_5431;
 
 // --- structs -----------------------------------------------------------------------------
 
@@ -379,7 +411,8 @@ pub struct IotcompressConfig {
     pub momentum_kind: IotcompressMomentum,
     /// Momentum factor in [0, 1) (ignored with `IOTCOMPRESS_MOMENTUM_NONE`).
     pub momentum: f32,
-    /// `IOTCOMPRESS_STATE_F32` (reserved for compact state formats; others are rejected).
+    /// `IOTCOMPRESS_STATE_F32` (compact formats are for the streaming compressor; others
+    /// are rejected here).
     pub state_format: IotcompressStateFormat,
     /// Must be 0.
     pub reserved: u32,
@@ -480,6 +513,154 @@ pub struct IotcompressHeader {
     pub values_len: usize,
     /// Bytes of the whole message, checksum included.
     pub message_len: usize,
+}
+
+/// Configuration of a streaming compressor (`iotcompress_stream_*`): threshold selection over
+/// a gradient fed in chunks. Start from `iotcompress_stream_config_default`, then set `numel`
+/// and `threshold` (and what else you need).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct IotcompressStreamConfig {
+    /// Elements of the whole gradient.
+    pub numel: u32,
+    /// Threshold `Wt` (finite, > 0): fixed, or the adaptive controller's starting point.
+    pub threshold: f32,
+    /// Adaptive threshold aiming at this many selected entries per message (0: not).
+    pub target_count: u32,
+    /// Adaptive threshold aiming at messages of about this many bytes (0: not). At most one
+    /// of `target_count` and `target_bytes` may be non-zero; both zero: `Wt` stays fixed.
+    pub target_bytes: u32,
+    /// `IOTCOMPRESS_QUANT_F32`, `_F16`, `_BF16`, `_INT8` or `_INT4`.
+    pub quant: IotcompressQuant,
+    /// One of `IOTCOMPRESS_MOMENTUM_*`.
+    pub momentum_kind: IotcompressMomentum,
+    /// Momentum factor in [0, 1) (ignored with `IOTCOMPRESS_MOMENTUM_NONE`).
+    pub momentum: f32,
+    /// One of `IOTCOMPRESS_STATE_*`: how the residual (and velocity) are stored.
+    pub state_format: IotcompressStateFormat,
+}
+
+/// How large the caller's buffers must be for a streaming configuration.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IotcompressStreamSizes {
+    /// `sizeof(IotcompressStream)` as this library was built.
+    pub stream_size: usize,
+    /// Bytes of the state buffer (residual, then velocity with momentum); zero it before the
+    /// first message. Equals `IOTCOMPRESS_STREAM_STATE_LEN`.
+    pub state_len: usize,
+    /// The smallest output buffer (header and checksum only: every entry held back).
+    pub min_message_len: usize,
+    /// The recommended output buffer (`IOTCOMPRESS_MAX_MESSAGE_LEN`): nothing is held back
+    /// unless far more entries than expected cross the threshold.
+    pub full_message_len: usize,
+    /// Bytes reserved for the header at the start of the output while streaming.
+    pub header_reserve: usize,
+}
+
+/// The caller-owned buffers of a streaming compressor: pass the same ones to begin, every
+/// feed and finish of a message.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct IotcompressStreamBuffers {
+    /// The residual (and velocity) in the configured format, `state_len` bytes.
+    pub state: *mut u8,
+    /// Bytes of `state`.
+    pub state_len: usize,
+    /// The output buffer: the message is written here as the chunks arrive.
+    pub out: *mut u8,
+    /// Bytes of `out` (at least `min_message_len`).
+    pub out_cap: usize,
+}
+
+/// A message in progress (inside `IotcompressStream`): plain numbers; change nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct IotcompressStreamMessage {
+    /// Address of the state buffer given to begin (compared, never dereferenced).
+    pub state_addr: usize,
+    /// Address of the output buffer given to begin (compared, never dereferenced).
+    pub out_addr: usize,
+    /// Bytes of the output buffer given to begin.
+    pub out_len: usize,
+    /// Elements of the gradient.
+    pub numel: u32,
+    /// Elements fed so far.
+    pub fed: u32,
+    /// Entries with `|v| >= Wt` so far.
+    pub selected: u32,
+    /// Entries sent so far.
+    pub nnz: u32,
+    /// The threshold of this message.
+    pub threshold: f32,
+    /// The value scale (int8/int4) of this message.
+    pub scale: f32,
+    /// The adaptive target count of this message (0 when fixed).
+    pub target: u32,
+    /// The Rice parameter of this message.
+    pub rice_k: u32,
+    /// Position after the last entry sent.
+    pub next: u32,
+    /// Whole bytes of the index block so far.
+    pub index_bytes: u32,
+    /// Index bits not yet a whole byte.
+    pub index_pending: u32,
+    /// Number of bits in `index_pending`.
+    pub index_pending_bits: u32,
+    /// Bytes of the value block so far.
+    pub value_bytes: u32,
+    /// The largest `|v|` selected so far.
+    pub max_selected: f32,
+    /// Non-zero once finished (and before the first begin).
+    pub closed: u32,
+    /// Int8 state: the new residual of the current block.
+    pub block: [f32; IOTCOMPRESS_STATE_BLOCK],
+    /// Int8 state with momentum: the new velocity of the current block.
+    pub block_velocity: [f32; IOTCOMPRESS_STATE_BLOCK],
+}
+
+/// A streaming compressor: configuration, the state kept between messages (adaptive
+/// threshold, the previous message's largest value and count) and the message in progress.
+/// Set up by `iotcompress_stream_init`; a plain struct (a checkpoint is a copy of it plus the
+/// state buffer), re-validated on every call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct IotcompressStream {
+    /// The configuration (re-validated on every call).
+    pub config: IotcompressStreamConfig,
+    /// Messages finished so far.
+    pub messages: u64,
+    /// `IOTCOMPRESS_STREAM_MAGIC` once initialised.
+    pub magic: u32,
+    /// Adaptive threshold (0 before the first message: `config.threshold` is used).
+    pub threshold: f32,
+    /// Adaptive: measured bits per sent entry of the last message.
+    pub bits_per_entry: f32,
+    /// The largest `|v|` selected by the last message that selected any (the next int8/int4
+    /// scale is `max(last_max, 2 Wt) / 127` (or `/ 7`)).
+    pub last_max: f32,
+    /// Entries selected by the last message (sets the next Rice parameter when fixed).
+    pub last_selected: u32,
+    /// Must be 0.
+    pub reserved: u32,
+    /// The message in progress.
+    pub message: IotcompressStreamMessage,
+}
+
+/// What one streamed message contains.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct IotcompressStreamInfo {
+    /// Bytes of the message, at the start of the output buffer.
+    pub bytes: usize,
+    /// Entries sent.
+    pub nnz: u32,
+    /// Entries with `|v| >= Wt` (sent, or held back when the output buffer was full).
+    pub selected: u32,
+    /// The threshold `Wt` of this message.
+    pub threshold: f32,
+    /// The value scale of this message (int8/int4; 0 otherwise).
+    pub scale: f32,
 }
 
 // --- conversions (no unsafe) ---------------------------------------------------------------
@@ -584,6 +765,172 @@ fn sizes_of(c: &Compressor) -> IotcompressSizes {
         velocity_len: c.velocity_len(),
         scratch_len: c.scratch_len(),
         max_message_len: c.max_message_len(),
+    }
+}
+
+impl IotcompressStreamConfig {
+    /// No elements, no threshold (set both), f32 values and state, no momentum, fixed `Wt`.
+    const DEFAULT: IotcompressStreamConfig = IotcompressStreamConfig {
+        numel: 0,
+        threshold: 0.0,
+        target_count: 0,
+        target_bytes: 0,
+        quant: IOTCOMPRESS_QUANT_F32,
+        momentum_kind: IOTCOMPRESS_MOMENTUM_NONE,
+        momentum: 0.0,
+        state_format: IOTCOMPRESS_STATE_F32,
+    };
+
+    /// The core configuration, or `ErrInvalidConfig`.
+    fn core_config(&self) -> Result<StreamConfig, Status> {
+        let target = match (self.target_count, self.target_bytes) {
+            (0, 0) => StreamTarget::Fixed,
+            (c, 0) => StreamTarget::Count(c),
+            (0, b) => StreamTarget::Bytes(b),
+            _ => return Err(Status::ErrInvalidConfig),
+        };
+        let quant = match self.quant {
+            IOTCOMPRESS_QUANT_F32 => Quant::F32,
+            IOTCOMPRESS_QUANT_F16 => Quant::F16,
+            IOTCOMPRESS_QUANT_BF16 => Quant::Bf16,
+            IOTCOMPRESS_QUANT_INT8 => Quant::Int8,
+            IOTCOMPRESS_QUANT_INT4 => Quant::Int4,
+            _ => return Err(Status::ErrInvalidConfig),
+        };
+        let momentum = match self.momentum_kind {
+            IOTCOMPRESS_MOMENTUM_NONE => Momentum::None,
+            IOTCOMPRESS_MOMENTUM_VANILLA => Momentum::Vanilla(self.momentum),
+            IOTCOMPRESS_MOMENTUM_NESTEROV => Momentum::Nesterov(self.momentum),
+            _ => return Err(Status::ErrInvalidConfig),
+        };
+        let state = match self.state_format {
+            IOTCOMPRESS_STATE_F32 => StateFormat::F32,
+            IOTCOMPRESS_STATE_F16 => StateFormat::F16,
+            IOTCOMPRESS_STATE_BF16 => StateFormat::Bf16,
+            IOTCOMPRESS_STATE_INT8 => StateFormat::Int8,
+            _ => return Err(Status::ErrInvalidConfig),
+        };
+        let config = StreamConfig {
+            numel: self.numel as usize,
+            threshold: self.threshold,
+            target,
+            quant,
+            momentum,
+            state,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+impl IotcompressStreamMessage {
+    fn from_core(m: &StreamMessage, state_addr: usize, out_addr: usize) -> Self {
+        IotcompressStreamMessage {
+            state_addr,
+            out_addr,
+            out_len: m.out_len,
+            numel: m.numel,
+            fed: m.fed,
+            selected: m.selected,
+            nnz: m.nnz,
+            threshold: m.threshold,
+            scale: m.scale,
+            target: m.target,
+            rice_k: m.rice_k,
+            next: m.next,
+            index_bytes: m.index_bytes,
+            index_pending: m.index_pending,
+            index_pending_bits: m.index_pending_bits,
+            value_bytes: m.value_bytes,
+            max_selected: m.max_selected,
+            closed: m.closed as u32,
+            block: m.block,
+            block_velocity: m.block_velocity,
+        }
+    }
+
+    fn core(&self) -> StreamMessage {
+        StreamMessage {
+            numel: self.numel,
+            out_len: self.out_len,
+            fed: self.fed,
+            selected: self.selected,
+            nnz: self.nnz,
+            threshold: self.threshold,
+            scale: self.scale,
+            target: self.target,
+            rice_k: self.rice_k,
+            next: self.next,
+            index_bytes: self.index_bytes,
+            index_pending: self.index_pending,
+            index_pending_bits: self.index_pending_bits,
+            value_bytes: self.value_bytes,
+            max_selected: self.max_selected,
+            closed: self.closed != 0,
+            block: self.block,
+            block_velocity: self.block_velocity,
+        }
+    }
+
+    /// A message that cannot be fed: before the first begin.
+    const CLOSED: IotcompressStreamMessage = IotcompressStreamMessage {
+        state_addr: 0,
+        out_addr: 0,
+        out_len: 0,
+        numel: 0,
+        fed: 0,
+        selected: 0,
+        nnz: 0,
+        threshold: 0.0,
+        scale: 0.0,
+        target: 0,
+        rice_k: 0,
+        next: 0,
+        index_bytes: 0,
+        index_pending: 0,
+        index_pending_bits: 0,
+        value_bytes: 0,
+        max_selected: 0.0,
+        closed: 1,
+        block: [0.0; IOTCOMPRESS_STATE_BLOCK],
+        block_velocity: [0.0; IOTCOMPRESS_STATE_BLOCK],
+    };
+}
+
+impl IotcompressStream {
+    /// The core compressor with this struct's history.
+    fn core(&self) -> Result<StreamCompressor, Status> {
+        if self.magic != IOTCOMPRESS_STREAM_MAGIC || self.reserved != 0 {
+            return Err(Status::ErrBadState);
+        }
+        let mut c = StreamCompressor::new(self.config.core_config()?)?;
+        c.controller = ThresholdController {
+            threshold: self.threshold,
+            bits_per_entry: self.bits_per_entry,
+        };
+        c.messages = self.messages;
+        c.last_max = self.last_max;
+        c.last_selected = self.last_selected;
+        Ok(c)
+    }
+
+    /// Writes the history back after a message.
+    fn store(&mut self, c: &StreamCompressor) {
+        self.threshold = c.controller.threshold;
+        self.bits_per_entry = c.controller.bits_per_entry;
+        self.messages = c.messages;
+        self.last_max = c.last_max;
+        self.last_selected = c.last_selected;
+    }
+}
+
+fn stream_sizes_of(c: &StreamConfig) -> IotcompressStreamSizes {
+    IotcompressStreamSizes {
+        stream_size: size_of::<IotcompressStream>(),
+        state_len: c.state_len(),
+        min_message_len: c.min_message_len(),
+        full_message_len: c.full_message_len(),
+        header_reserve: c.header_reserve(),
     }
 }
 
@@ -1050,6 +1397,299 @@ pub extern "C" fn iotcompress_max_message_len(
         Ok(c) => iotcompress_core::max_encoded_len(numel as usize, c.quant),
         Err(_) => 0,
     }
+}
+
+// --- the streaming compressor --------------------------------------------------------------
+
+/// Fills `*config` with the streaming defaults: no elements and no threshold (set `numel` and
+/// `threshold`), f32 values, f32 state, no momentum, fixed threshold.
+///
+/// # Safety
+/// `config` must be NULL or point at writable memory for one `IotcompressStreamConfig`.
+#[no_mangle]
+pub unsafe extern "C" fn iotcompress_stream_config_default(
+    config: *mut IotcompressStreamConfig,
+) -> IotcompressStatus {
+    if config.is_null() {
+        return IOTCOMPRESS_ERR_NULL_POINTER;
+    }
+    // SAFETY: forwarded contract: `config` is writable for one struct.
+    status(unsafe { write_opt(config, IotcompressStreamConfig::DEFAULT) })
+}
+
+/// Validates a streaming configuration and reports the sizes of the caller's buffers: the
+/// state buffer (bytes), the smallest and the recommended output buffer, and
+/// `sizeof(IotcompressStream)`.
+///
+/// # Safety
+/// `config` must be NULL or point at a readable struct; `sizes` NULL or writable for one.
+#[no_mangle]
+pub unsafe extern "C" fn iotcompress_stream_sizes(
+    config: *const IotcompressStreamConfig,
+    sizes: *mut IotcompressStreamSizes,
+) -> IotcompressStatus {
+    // SAFETY: forwarded contract.
+    status(unsafe { stream_sizes_impl(config, sizes) })
+}
+
+/// The body of `iotcompress_stream_sizes`.
+///
+/// # Safety
+/// As for `iotcompress_stream_sizes`.
+unsafe fn stream_sizes_impl(
+    config: *const IotcompressStreamConfig,
+    sizes: *mut IotcompressStreamSizes,
+) -> Result<(), Status> {
+    if sizes.is_null() {
+        return Err(Status::ErrNullPointer);
+    }
+    // SAFETY: forwarded contract: `config` is NULL or readable.
+    let config = unsafe { reference(config) }?.core_config()?;
+    // SAFETY: forwarded contract: `sizes` is writable.
+    unsafe { write_opt(sizes, stream_sizes_of(&config)) }
+}
+
+/// Sets up `*stream` with `config` (copied): no message open, no history. Zero the state
+/// buffer before the first message.
+///
+/// # Safety
+/// `stream` must be NULL or writable for one `IotcompressStream`; `config` NULL or readable.
+#[no_mangle]
+pub unsafe extern "C" fn iotcompress_stream_init(
+    stream: *mut IotcompressStream,
+    config: *const IotcompressStreamConfig,
+) -> IotcompressStatus {
+    // SAFETY: forwarded contract.
+    status(unsafe { stream_init_impl(stream, config) })
+}
+
+/// The body of `iotcompress_stream_init`.
+///
+/// # Safety
+/// As for `iotcompress_stream_init`.
+unsafe fn stream_init_impl(
+    stream: *mut IotcompressStream,
+    config: *const IotcompressStreamConfig,
+) -> Result<(), Status> {
+    if stream.is_null() {
+        return Err(Status::ErrNullPointer);
+    }
+    // SAFETY: forwarded contract: `config` is NULL or readable.
+    let config = *unsafe { reference(config) }?;
+    config.core_config()?;
+    let fresh = IotcompressStream {
+        config,
+        messages: 0,
+        magic: IOTCOMPRESS_STREAM_MAGIC,
+        threshold: 0.0,
+        bits_per_entry: 0.0,
+        last_max: 0.0,
+        last_selected: 0,
+        reserved: 0,
+        message: IotcompressStreamMessage::CLOSED,
+    };
+    // SAFETY: forwarded contract: `stream` is writable.
+    unsafe { write_opt(stream, fresh) }
+}
+
+/// The stream struct and its buffers as Rust references, after the pointer and overlap
+/// checks. `extra_read` is a further argument that is only read (the gradient).
+///
+/// # Safety
+/// `stream` and `bufs` must be NULL or point at live structs; the buffers they describe must
+/// hold as many bytes as their lengths say; nothing else may access them during the call.
+unsafe fn stream_parts<'a>(
+    stream: *mut IotcompressStream,
+    bufs: *const IotcompressStreamBuffers,
+    extra_read: Span,
+    extra_written: Span,
+) -> Result<(&'a mut IotcompressStream, &'a mut [u8], &'a mut [u8]), Status> {
+    if stream.is_null() || bufs.is_null() {
+        return Err(Status::ErrNullPointer);
+    }
+    // SAFETY: forwarded contract: `bufs` is readable.
+    let b = *unsafe { reference(bufs) }?;
+    if b.out.is_null() || b.state.is_null() && b.state_len > 0 {
+        return Err(Status::ErrNullPointer);
+    }
+    let written = [
+        Span::of(b.state, b.state_len),
+        Span::of(b.out, b.out_cap),
+        Span::of(stream, 1),
+        extra_written,
+    ];
+    let read = [Span::of(bufs, 1), extra_read];
+    for (i, w) in written.iter().enumerate() {
+        if written[i + 1..]
+            .iter()
+            .chain(read.iter())
+            .any(|o| w.overlaps(*o))
+        {
+            return Err(Status::ErrOverlap);
+        }
+    }
+    // The written regions are pairwise disjoint and disjoint from the ones read.
+    // SAFETY: forwarded contract: `stream` is writable for one struct.
+    let st = unsafe { reference_mut(stream) }?;
+    // SAFETY: forwarded contract: `state` holds `state_len` bytes.
+    let state = unsafe { slice_mut(b.state, b.state_len) }?;
+    // SAFETY: forwarded contract: `out` holds `out_cap` bytes.
+    let out = unsafe { slice_mut(b.out, b.out_cap) }?;
+    Ok((st, state, out))
+}
+
+/// Starts a message: fixes its threshold, Rice parameter and value scale and reserves the
+/// header in `bufs->out`. Then feed the gradient in order with `iotcompress_stream_feed` and
+/// end with `iotcompress_stream_finish`, with the same buffers (contents untouched between
+/// the calls). Beginning again abandons an open message (its entries then stay lost from
+/// the residual: always finish).
+///
+/// Errors: `IOTCOMPRESS_ERR_LENGTH_MISMATCH` (`state_len` is not the configured size),
+/// `IOTCOMPRESS_ERR_BUFFER_TOO_SMALL` (`out_cap` below `min_message_len`),
+/// `IOTCOMPRESS_ERR_BAD_STATE`, `IOTCOMPRESS_ERR_INVALID_CONFIG`, and the pointer errors.
+///
+/// # Safety
+/// `stream` and `bufs` must be NULL or point at live structs, and the buffers of `bufs` at
+/// as many bytes as their lengths say; no other thread may access them during the call.
+#[no_mangle]
+pub unsafe extern "C" fn iotcompress_stream_begin(
+    stream: *mut IotcompressStream,
+    bufs: *const IotcompressStreamBuffers,
+) -> IotcompressStatus {
+    // SAFETY: forwarded contract.
+    status(unsafe { stream_begin_impl(stream, bufs) })
+}
+
+/// The body of `iotcompress_stream_begin`.
+///
+/// # Safety
+/// As for `iotcompress_stream_begin`.
+unsafe fn stream_begin_impl(
+    stream: *mut IotcompressStream,
+    bufs: *const IotcompressStreamBuffers,
+) -> Result<(), Status> {
+    let none = Span(0, 0);
+    // SAFETY: forwarded contract.
+    let (st, state, out) = unsafe { stream_parts(stream, bufs, none, none) }?;
+    let c = st.core()?;
+    let m = c.begin(state, out)?;
+    st.message =
+        IotcompressStreamMessage::from_core(&m, state.as_ptr() as usize, out.as_ptr() as usize);
+    Ok(())
+}
+
+/// Feeds the next `grad_len` elements of the gradient (any chunking gives the same message).
+///
+/// Errors leave the stream, the state and the output unchanged:
+/// `IOTCOMPRESS_ERR_LENGTH_MISMATCH` (more elements than remain, or other buffers than at
+/// begin), `IOTCOMPRESS_ERR_NON_FINITE_GRADIENT`, `IOTCOMPRESS_ERR_OVERFLOW`,
+/// `IOTCOMPRESS_ERR_STREAM_CLOSED` (no message open), `IOTCOMPRESS_ERR_BAD_STATE`,
+/// `IOTCOMPRESS_ERR_INVALID_CONFIG` (the struct was changed), and the pointer errors.
+///
+/// # Safety
+/// As for `iotcompress_stream_begin`; `grad` must point at `grad_len` readable floats (NULL
+/// only with length 0).
+#[no_mangle]
+pub unsafe extern "C" fn iotcompress_stream_feed(
+    stream: *mut IotcompressStream,
+    bufs: *const IotcompressStreamBuffers,
+    grad: *const f32,
+    grad_len: usize,
+) -> IotcompressStatus {
+    // SAFETY: forwarded contract.
+    status(unsafe { stream_feed_impl(stream, bufs, grad, grad_len) })
+}
+
+/// The body of `iotcompress_stream_feed`.
+///
+/// # Safety
+/// As for `iotcompress_stream_feed`.
+unsafe fn stream_feed_impl(
+    stream: *mut IotcompressStream,
+    bufs: *const IotcompressStreamBuffers,
+    grad: *const f32,
+    grad_len: usize,
+) -> Result<(), Status> {
+    // SAFETY: forwarded contract.
+    let (st, state, out) =
+        unsafe { stream_parts(stream, bufs, Span::of(grad, grad_len), Span(0, 0)) }?;
+    // SAFETY: forwarded contract: `grad` holds `grad_len` floats, disjoint from the written
+    // buffers (checked in `stream_parts`).
+    let grad = unsafe { slice(grad, grad_len) }?;
+    let c = st.core()?;
+    let mut m = open_message(st, state, out)?;
+    m.feed(&c, state, out, grad)?;
+    let (sa, oa) = (st.message.state_addr, st.message.out_addr);
+    st.message = IotcompressStreamMessage::from_core(&m, sa, oa);
+    Ok(())
+}
+
+/// The open message of `st`, if `state` and `out` are the buffers it began with.
+fn open_message(st: &IotcompressStream, state: &[u8], out: &[u8]) -> Result<StreamMessage, Status> {
+    let m = &st.message;
+    if m.closed != 0 {
+        return Err(Status::ErrStreamClosed);
+    }
+    if m.state_addr != state.as_ptr() as usize || m.out_addr != out.as_ptr() as usize {
+        return Err(Status::ErrLengthMismatch);
+    }
+    Ok(m.core())
+}
+
+/// Completes the message: writes the header, moves the blocks next to it and appends the
+/// checksum; the message is `bufs->out[0 .. info->bytes]`. Then updates the adaptive
+/// threshold and the next message's scale. `*info` (if not NULL) receives the length and the
+/// counts.
+///
+/// Errors (nothing changed): `IOTCOMPRESS_ERR_INCOMPLETE` (not every element was fed),
+/// `IOTCOMPRESS_ERR_STREAM_CLOSED`, `IOTCOMPRESS_ERR_LENGTH_MISMATCH` (other buffers),
+/// `IOTCOMPRESS_ERR_BAD_STATE`, `IOTCOMPRESS_ERR_INVALID_CONFIG`, the pointer errors.
+///
+/// # Safety
+/// As for `iotcompress_stream_begin`; `info` must be NULL or writable for one struct.
+#[no_mangle]
+pub unsafe extern "C" fn iotcompress_stream_finish(
+    stream: *mut IotcompressStream,
+    bufs: *const IotcompressStreamBuffers,
+    info: *mut IotcompressStreamInfo,
+) -> IotcompressStatus {
+    // SAFETY: forwarded contract.
+    status(unsafe { stream_finish_impl(stream, bufs, info) })
+}
+
+/// The body of `iotcompress_stream_finish`.
+///
+/// # Safety
+/// As for `iotcompress_stream_finish`.
+unsafe fn stream_finish_impl(
+    stream: *mut IotcompressStream,
+    bufs: *const IotcompressStreamBuffers,
+    info: *mut IotcompressStreamInfo,
+) -> Result<(), Status> {
+    let info_span = Span::of(info, usize::from(!info.is_null()));
+    // SAFETY: forwarded contract.
+    let (st, state, out) = unsafe { stream_parts(stream, bufs, Span(0, 0), info_span) }?;
+    let mut c = st.core()?;
+    let mut m = open_message(st, state, out)?;
+    let done = m.finish(&mut c, state, out)?;
+    st.store(&c);
+    let (sa, oa) = (st.message.state_addr, st.message.out_addr);
+    st.message = IotcompressStreamMessage::from_core(&m, sa, oa);
+    let done = IotcompressStreamInfo {
+        bytes: done.bytes,
+        nnz: done.nnz as u32,
+        selected: done.selected as u32,
+        threshold: done.threshold,
+        scale: done.scale,
+    };
+    // SAFETY: forwarded contract: `info` is NULL or writable (and disjoint, checked).
+    unsafe { write_opt(info, done) }
+}
+
+/// `sizeof(IotcompressStream)` as the library was built.
+#[no_mangle]
+pub extern "C" fn iotcompress_stream_size() -> usize {
+    size_of::<IotcompressStream>()
 }
 
 /// The name of a status code, e.g. `"IOTCOMPRESS_ERR_CHECKSUM_MISMATCH"`; never NULL
