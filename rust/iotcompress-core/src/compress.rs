@@ -537,12 +537,22 @@ impl Compressor {
             for (d, &i) in cand_mags.iter_mut().zip(list.iter().take(count)) {
                 *d = mag_bits(r[i as usize]);
             }
+            // The selection reorders the magnitudes; keep them in list order too where the
+            // (now unused) sample has room, instead of reading `r` at random places again.
+            let in_order = sample.get_mut(..count);
+            if let Some(copy) = in_order {
+                copy.copy_from_slice(&cand_mags[..count]);
+            }
+            let in_order = sample.get(..count);
             let (tk, greater) = kth_largest(&mut cand_mags[..count], k);
             let mut ties = k - greater;
             let mut kept = 0;
             for j in 0..count {
                 let i = list[j];
-                let mag = mag_bits(r[i as usize]);
+                let mag = match in_order {
+                    Some(mags) => mags[j],
+                    None => mag_bits(r[i as usize]),
+                };
                 let keep = mag > tk || (mag == tk && ties > 0);
                 if mag == tk && keep {
                     ties -= 1;
