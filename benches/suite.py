@@ -71,8 +71,8 @@ def ours(n: int, g: list[np.ndarray], repeat: int, threads: int = 1, **opts) -> 
 
 def ours_decode(n: int, g: list[np.ndarray], repeat: int, **opts) -> float:
     c = ic.Compressor(n, **opts)
-    c.compress(g[0])
-    msg = c.compress(g[1])
+    for i in range(8):  # a steady-state message (the adaptive controller has settled)
+        msg = c.compress(g[i % 2])
     out = np.zeros(n, np.float32)
     return best_of(lambda i: ic.decode_add(msg, out, 0.5), repeat)
 
@@ -198,9 +198,10 @@ def machine() -> str:
 MODES = {
     "top-0.1 % sampled, int8": dict(density=DENSITY, quant="int8"),
     "top-0.1 % sampled, int8, momentum 0.9": dict(density=DENSITY, quant="int8", momentum=0.9),
-    # A fixed Wt sends more and more as error feedback grows the residual; the adaptive
-    # controller holds the density, which is how threshold mode is used.
-    "adaptive threshold 0.1 %, int8": dict(density=DENSITY, adaptive=True, quant="int8"),
+    # Threshold modes are left out: their message size depends on the residual's history
+    # (a fixed Wt sends more and more as the residual grows; the adaptive controller swings
+    # on these two alternating synthetic gradients), so a steady-state time here would not
+    # say what it costs in training. The criterion table has the adaptive mode.
     "top-0.1 % exact, int8": dict(density=DENSITY, quant="int8", exact=True),
     "dense, f16": dict(quant="f16"),
     "dense, int8": dict(quant="int8"),
@@ -421,6 +422,8 @@ def plot(data: dict, path: Path) -> None:
         for name, ts in data[key].items():
             ax.plot(sizes, [n / t / 1e6 for n, t in zip(sizes, ts)], marker="o", label=f"iotcompress {name}")
         for name, ts in data["baselines"].items():
+            if key == "decode_add" and "floor" not in name:
+                continue  # the plain-PyTorch baselines compress; only the floor compares here
             style = "k--" if "floor" in name else ":"
             ax.plot(sizes, [n / t / 1e6 for n, t in zip(sizes, ts)], style, marker="x", label=name)
         ax.set_xscale("log")
