@@ -14,7 +14,9 @@ use crate::select::{
     ThresholdController,
 };
 use crate::wire::crc::crc32c;
-use crate::wire::{max_encoded_len, BitWriter, Header, IndexCost, IndexWriter, CHECKSUM_LEN};
+use crate::wire::{
+    max_encoded_len, BitWriter, Header, IndexCoding, IndexCost, IndexWriter, CHECKSUM_LEN,
+};
 use crate::Error;
 
 /// Everything that shapes a message.
@@ -348,7 +350,7 @@ impl Compressor {
             numel: n as u32,
             nnz: n as u32,
             quant,
-            index: IndexCost::all(),
+            index: IndexCoding::Dense,
             scale,
             stream: 0,
         };
@@ -539,11 +541,10 @@ impl Compressor {
             }
             // The selection reorders the magnitudes; keep them in list order too where the
             // (now unused) sample has room, instead of reading `r` at random places again.
-            let in_order = sample.get_mut(..count);
-            if let Some(copy) = in_order {
+            let in_order = sample.get_mut(..count).map(|copy| {
                 copy.copy_from_slice(&cand_mags[..count]);
-            }
-            let in_order = sample.get(..count);
+                &*copy
+            });
             let (tk, greater) = kth_largest(&mut cand_mags[..count], k);
             let mut ties = k - greater;
             let mut kept = 0;

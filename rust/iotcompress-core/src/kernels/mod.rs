@@ -189,6 +189,47 @@ fn sse42() -> bool {
     cfg!(target_feature = "sse4.2")
 }
 
+/// The shape every SIMD accumulation shares: `head(r, u, g, list, body)` runs the SIMD body
+/// over the first `body` elements (a multiple of `block`), the scalar kernel runs the tail, and
+/// the two results are joined as one pass would have made them.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+fn with_scalar_tail(
+    rule: Momentum,
+    r: &mut [f32],
+    u: &mut [f32],
+    g: &[f32],
+    gather_at: Option<u32>,
+    list: &mut [u32],
+    base: u32,
+    block: usize,
+    head: impl FnOnce(&mut [f32], &mut [f32], &[f32], &mut [u32], usize) -> Accumulated,
+) -> Accumulated {
+    let mut n = r.len().min(g.len());
+    if rule.has_velocity() {
+        n = n.min(u.len());
+    }
+    let body = n / block * block;
+    let head = head(r, u, g, list, body);
+    let u_tail = if rule.has_velocity() {
+        &mut u[body..n]
+    } else {
+        &mut []
+    };
+    let tail = scalar::accumulate(
+        rule,
+        &mut r[body..n],
+        u_tail,
+        &g[body..n],
+        gather_at,
+        list.get_mut(head.count..).unwrap_or(&mut []),
+        base.wrapping_add(body as u32),
+    );
+    Accumulated {
+        count: head.count + tail.count,
+        max_mag: head.max_mag.max(tail.max_mag),
+    }
+}
+
 /// Error feedback (and momentum) over a whole slice, fused with the candidate gather: see
 /// [`scalar::accumulate`]. `u` may be empty without momentum; otherwise all lengths match.
 pub fn accumulate(

@@ -6,7 +6,7 @@
 
 use core::arch::x86_64::*;
 
-use super::{scalar, Accumulated};
+use super::{scalar, with_scalar_tail, Accumulated};
 use crate::feedback::Momentum;
 use crate::quant::{Quant, Quantizer};
 
@@ -34,49 +34,31 @@ pub fn accumulate(
     list: &mut [u32],
     base: u32,
 ) -> Accumulated {
-    let mut n = r.len().min(g.len());
-    if rule.has_velocity() {
-        n = n.min(u.len());
-    }
-    let body = n / BLOCK * BLOCK;
     let m = rule.factor();
     let at = gather_at.unwrap_or(0);
-    // SAFETY: the caller (`super::accumulate`) checked that the CPU has AVX2; `body <= n`
-    // elements of r, g (and u with momentum) are in bounds.
-    let head = unsafe {
-        match (rule, gather_at.is_some()) {
-            (Momentum::None, true) => acc::<NONE, true>(m, r, u, g, body, at, list, base),
-            (Momentum::None, false) => acc::<NONE, false>(m, r, u, g, body, at, list, base),
-            (Momentum::Vanilla(_), true) => acc::<VANILLA, true>(m, r, u, g, body, at, list, base),
-            (Momentum::Vanilla(_), false) => {
-                acc::<VANILLA, false>(m, r, u, g, body, at, list, base)
-            }
-            (Momentum::Nesterov(_), true) => {
-                acc::<NESTEROV, true>(m, r, u, g, body, at, list, base)
-            }
-            (Momentum::Nesterov(_), false) => {
-                acc::<NESTEROV, false>(m, r, u, g, body, at, list, base)
+    let head = |r: &mut [f32], u: &mut [f32], g: &[f32], list: &mut [u32], body: usize| {
+        // SAFETY: the caller (`super::accumulate`) checked that the CPU has AVX2; `with_scalar_tail` passes `body` no larger than r, g (and u with
+        // momentum), a multiple of BLOCK.
+        unsafe {
+            match (rule, gather_at.is_some()) {
+                (Momentum::None, true) => acc::<NONE, true>(m, r, u, g, body, at, list, base),
+                (Momentum::None, false) => acc::<NONE, false>(m, r, u, g, body, at, list, base),
+                (Momentum::Vanilla(_), true) => {
+                    acc::<VANILLA, true>(m, r, u, g, body, at, list, base)
+                }
+                (Momentum::Vanilla(_), false) => {
+                    acc::<VANILLA, false>(m, r, u, g, body, at, list, base)
+                }
+                (Momentum::Nesterov(_), true) => {
+                    acc::<NESTEROV, true>(m, r, u, g, body, at, list, base)
+                }
+                (Momentum::Nesterov(_), false) => {
+                    acc::<NESTEROV, false>(m, r, u, g, body, at, list, base)
+                }
             }
         }
     };
-    let u_tail = if rule.has_velocity() {
-        &mut u[body..n]
-    } else {
-        &mut []
-    };
-    let tail = scalar::accumulate(
-        rule,
-        &mut r[body..n],
-        u_tail,
-        &g[body..n],
-        gather_at,
-        list.get_mut(head.count..).unwrap_or(&mut []),
-        base.wrapping_add(body as u32),
-    );
-    Accumulated {
-        count: head.count + tail.count,
-        max_mag: head.max_mag.max(tail.max_mag),
-    }
+    with_scalar_tail(rule, r, u, g, gather_at, list, base, BLOCK, head)
 }
 
 /// Pushes `base + i + j` for every set bit `j` of `mask` (the scalar kernel's order).

@@ -37,11 +37,6 @@ impl IndexCost {
         }
     }
 
-    /// The coding of a message that sends every entry.
-    pub fn all() -> IndexCoding {
-        IndexCoding::Dense
-    }
-
     /// Bits of the Rice-coded gaps with parameter `k`.
     fn rice_bits(&self, k: u32) -> u64 {
         let quotients: u64 = (k..32)
