@@ -10,7 +10,7 @@ use crate::kernels::{prefetch, Passes};
 use crate::quant::{Quant, Quantizer, ValueStats};
 use crate::rng::{self, Purpose};
 use crate::select::{
-    k_for_density, kth_largest, threshold_list_cap, SamplePlan, Selection, Target,
+    entries_within, k_for_density, kth_largest, threshold_list_cap, SamplePlan, Selection, Target,
     ThresholdController,
 };
 use crate::wire::crc::crc32c;
@@ -394,12 +394,21 @@ impl Compressor {
                 Ok((self.top_k(passes, r, u, g, scratch, k, exact)?, k))
             }
             Selection::Adaptive(target) => {
-                let k = self
-                    .controller
-                    .target_count(target, n, self.config.quant.code_bits());
+                let quant = self.config.quant;
+                let mut k = self.controller.target_count(target, n, quant.code_bits());
+                // A byte target is a budget: no message is longer, whatever the threshold.
+                let most = match target {
+                    Target::Bytes(b) => entries_within(b as usize, n, quant),
+                    Target::Density(_) => n,
+                };
+                k = k.min(most);
                 if self.controller.threshold > 0.0 {
                     let wt = self.controller.threshold;
-                    Ok((self.threshold_pick(passes, r, u, g, scratch, wt)?, k))
+                    let picked = self.threshold_pick(passes, r, u, g, scratch, wt)?;
+                    Ok((keep_largest(passes, picked, r, scratch, most), k))
+                } else if k == 0 {
+                    passes.accumulate(m, r, u, g, None, &mut [])?;
+                    Ok((Picked::List { start: 0, len: 0 }, 0))
                 } else {
                     Ok((self.top_k(passes, r, u, g, scratch, k, false)?, k))
                 }
@@ -426,10 +435,11 @@ impl Compressor {
                 len: count,
             }
         } else {
+            // `limit` is the count: every entry at or above `t`.
             Picked::Scan {
                 above: t,
                 ties: usize::MAX,
-                limit: usize::MAX,
+                limit: count,
             }
         })
     }
@@ -536,39 +546,92 @@ impl Compressor {
             });
         }
         if count > k {
-            for (d, &i) in cand_mags.iter_mut().zip(list.iter().take(count)) {
-                *d = mag_bits(r[i as usize]);
-            }
-            // The selection reorders the magnitudes; keep them in list order too where the
-            // (now unused) sample has room, instead of reading `r` at random places again.
-            let in_order = sample.get_mut(..count).map(|copy| {
-                copy.copy_from_slice(&cand_mags[..count]);
-                &*copy
-            });
-            let (tk, greater) = kth_largest(&mut cand_mags[..count], k);
-            let mut ties = k - greater;
-            let mut kept = 0;
-            for j in 0..count {
-                let i = list[j];
-                let mag = match in_order {
-                    Some(mags) => mags[j],
-                    None => mag_bits(r[i as usize]),
-                };
-                let keep = mag > tk || (mag == tk && ties > 0);
-                if mag == tk && keep {
-                    ties -= 1;
-                }
-                if keep {
-                    list[kept] = i;
-                    kept += 1;
-                }
-            }
-            count = kept;
+            count = trim_candidates(r, &mut list[..count], cand_mags, Some(sample), k);
         }
         Ok(Picked::List {
             start: plan.sample,
             len: count,
         })
+    }
+}
+
+/// Keeps the `k` largest magnitudes of the candidates in `list` (ties: lower index), in
+/// order; returns how many remain. `mags` needs `list.len()` words; `in_order`, when it has
+/// room, saves reading `r` at random places a second time. `k < list.len()`.
+fn trim_candidates(
+    r: &[f32],
+    list: &mut [u32],
+    mags: &mut [u32],
+    in_order: Option<&mut [u32]>,
+    k: usize,
+) -> usize {
+    let count = list.len();
+    for (d, &i) in mags.iter_mut().zip(list.iter()) {
+        *d = mag_bits(r[i as usize]);
+    }
+    // The selection reorders the magnitudes; keep them in list order too.
+    let in_order = in_order.and_then(|o| o.get_mut(..count)).map(|copy| {
+        copy.copy_from_slice(&mags[..count]);
+        &*copy
+    });
+    let (tk, greater) = kth_largest(&mut mags[..count], k);
+    let mut ties = k - greater;
+    let mut kept = 0;
+    for j in 0..count {
+        let i = list[j];
+        let mag = match in_order {
+            Some(mags) => mags[j],
+            None => mag_bits(r[i as usize]),
+        };
+        let keep = mag > tk || (mag == tk && ties > 0);
+        if mag == tk && keep {
+            ties -= 1;
+        }
+        if keep {
+            list[kept] = i;
+            kept += 1;
+        }
+    }
+    kept
+}
+
+/// At most `most` of the picked entries: the largest (ties: lower index) when the
+/// candidates are listed and there is scratch to rank them, else an exact selection over
+/// all of `v` (in `r`).
+fn keep_largest(
+    passes: Passes,
+    picked: Picked,
+    r: &[f32],
+    scratch: &mut [u32],
+    most: usize,
+) -> Picked {
+    match picked {
+        Picked::List { start: 0, len } if len > most => {
+            let (list, rest) = scratch.split_at_mut(len);
+            if most == 0 {
+                Picked::List { start: 0, len: 0 }
+            } else if rest.len() >= len {
+                let kept = trim_candidates(r, list, rest, None, most);
+                Picked::List {
+                    start: 0,
+                    len: kept,
+                }
+            } else {
+                exact_top_k(passes, r, &mut scratch[..r.len()], most)
+            }
+        }
+        Picked::Scan { limit, .. } if limit > most => {
+            let n = r.len();
+            match scratch.get_mut(..n) {
+                Some(mags) if most > 0 => exact_top_k(passes, r, mags, most),
+                _ => Picked::Scan {
+                    above: u32::MAX,
+                    ties: 0,
+                    limit: 0,
+                },
+            }
+        }
+        other => other,
     }
 }
 
