@@ -136,3 +136,17 @@ def test_set_selection_changes_the_link_and_keeps_the_residual():
         ic.decode_add(msg, total)
     assert c.options["target_bytes"] == 312
     np.testing.assert_allclose(total + c.residual, grads, atol=1e-3)
+
+
+def test_entries_held_back_by_the_budget_raise_the_threshold():
+    """When far more entries cross Wt than the budget carries, the budget sends the largest
+    that fit, and the controller sees every entry that crossed: Wt rises by its full step."""
+    n = 50_000
+    rng = np.random.default_rng(8)
+    c = ic.Compressor(n, target_bytes=2_000, quant="int8")
+    for _ in range(5):
+        c.compress(rng.standard_normal(n).astype(np.float32))
+    wt = c.threshold
+    msg = c.compress(1000 * rng.standard_normal(n).astype(np.float32))  # everything crosses Wt
+    assert len(msg) <= 2_000
+    assert c.threshold == pytest.approx(1.4 * wt, rel=1e-6)

@@ -226,7 +226,7 @@ impl Compressor {
         }
         let velocity = &mut velocity[..self.velocity_len()];
         let cfg = self.config;
-        let (picked, target) = self.select(passes, residual, velocity, grad, scratch)?;
+        let (picked, target, crossed) = self.select(passes, residual, velocity, grad, scratch)?;
         if let Picked::All = picked {
             if let Some(info) = self.emit_dense(passes, residual, velocity, out)? {
                 self.step += 1;
@@ -315,7 +315,9 @@ impl Compressor {
                     0.0
                 };
             } else {
-                self.controller.update(nnz, target, total);
+                // Entries held back by the budget still count: they must raise `Wt`.
+                self.controller
+                    .update(crossed.unwrap_or(nnz), target, total);
             }
         }
         self.step += 1;
@@ -372,7 +374,8 @@ impl Compressor {
     }
 
     /// Accumulates the gradient into the residual and picks the entries to send.
-    /// Returns the pick and the target count (for the adaptive controller).
+    /// Returns the pick, the target count and, in adaptive threshold mode, how many entries
+    /// crossed `Wt` (more than were picked when the byte budget held some back).
     fn select(
         &mut self,
         passes: Passes,
@@ -380,18 +383,20 @@ impl Compressor {
         u: &mut [f32],
         g: &[f32],
         scratch: &mut [u32],
-    ) -> Result<(Picked, usize), Error> {
+    ) -> Result<(Picked, usize, Option<usize>), Error> {
         let n = self.numel;
         let m = self.config.momentum;
         match self.config.selection {
             Selection::Dense => {
                 passes.accumulate(m, r, u, g, None, &mut [])?;
-                Ok((Picked::All, n))
+                Ok((Picked::All, n, None))
             }
-            Selection::Threshold(wt) => Ok((self.threshold_pick(passes, r, u, g, scratch, wt)?, n)),
+            Selection::Threshold(wt) => {
+                Ok((self.threshold_pick(passes, r, u, g, scratch, wt)?, n, None))
+            }
             Selection::TopK { density, exact } => {
                 let k = k_for_density(density, n);
-                Ok((self.top_k(passes, r, u, g, scratch, k, exact)?, k))
+                Ok((self.top_k(passes, r, u, g, scratch, k, exact)?, k, None))
             }
             Selection::Adaptive(target) => {
                 let quant = self.config.quant;
@@ -405,12 +410,18 @@ impl Compressor {
                 if self.controller.threshold > 0.0 {
                     let wt = self.controller.threshold;
                     let picked = self.threshold_pick(passes, r, u, g, scratch, wt)?;
-                    Ok((keep_largest(passes, picked, r, scratch, most), k))
+                    let crossed = match picked {
+                        Picked::List { len, .. } => len,
+                        Picked::Scan { limit, .. } => limit,
+                        Picked::All => n,
+                    };
+                    let picked = keep_largest(passes, picked, r, scratch, most);
+                    Ok((picked, k, Some(crossed)))
                 } else if k == 0 {
                     passes.accumulate(m, r, u, g, None, &mut [])?;
-                    Ok((Picked::List { start: 0, len: 0 }, 0))
+                    Ok((Picked::List { start: 0, len: 0 }, 0, None))
                 } else {
-                    Ok((self.top_k(passes, r, u, g, scratch, k, false)?, k))
+                    Ok((self.top_k(passes, r, u, g, scratch, k, false)?, k, None))
                 }
             }
         }
