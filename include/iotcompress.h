@@ -112,7 +112,8 @@ typedef struct IotcompressConfig {
    */
   float threshold;
   /**
-   * Message size to aim at, > 0: `IOTCOMPRESS_SELECT_ADAPTIVE_BYTES`.
+   * Message size to aim at and never exceed, > 0: `IOTCOMPRESS_SELECT_ADAPTIVE_BYTES`
+   * (e.g. `iotcompress_network_budget_bytes`).
    */
   uint32_t target_bytes;
   /**
@@ -741,7 +742,8 @@ typedef struct IotcompressStreamInfo {
 #define IOTCOMPRESS_SELECT_ADAPTIVE_DENSITY 3
 
 /**
- * Threshold adapted step to step towards a message size (field `target_bytes`).
+ * Threshold adapted step to step towards a message size (field `target_bytes`), which no
+ * message exceeds (the largest entries that fit are sent, the rest stays in the residual).
  */
 #define IOTCOMPRESS_SELECT_ADAPTIVE_BYTES 4
 

@@ -317,7 +317,8 @@ pub const IOTCOMPRESS_SELECT_THRESHOLD: IotcompressSelection = 1;
 pub const IOTCOMPRESS_SELECT_TOPK: IotcompressSelection = 2;
 /// Threshold adapted step to step towards a density (field `density`).
 pub const IOTCOMPRESS_SELECT_ADAPTIVE_DENSITY: IotcompressSelection = 3;
-/// Threshold adapted step to step towards a message size (field `target_bytes`).
+/// Threshold adapted step to step towards a message size (field `target_bytes`), which no
+/// message exceeds (the largest entries that fit are sent, the rest stays in the residual).
 pub const IOTCOMPRESS_SELECT_ADAPTIVE_BYTES: IotcompressSelection = 4;
 
 /// Value quantiser of `IotcompressConfig.quant` and `IotcompressHeader.quant`; the
@@ -399,7 +400,8 @@ pub struct IotcompressConfig {
     pub selection: IotcompressSelection,
     /// Threshold `Wt >= 0`: `IOTCOMPRESS_SELECT_THRESHOLD`.
     pub threshold: f32,
-    /// Message size to aim at, > 0: `IOTCOMPRESS_SELECT_ADAPTIVE_BYTES`.
+    /// Message size to aim at and never exceed, > 0: `IOTCOMPRESS_SELECT_ADAPTIVE_BYTES`
+    /// (e.g. `iotcompress_network_budget_bytes`).
     pub target_bytes: u32,
     /// Non-zero: exact top-k over all magnitudes; zero: DGC's sampled estimate.
     pub exact: u32,
