@@ -112,7 +112,8 @@ typedef struct IotcompressConfig {
    */
   float threshold;
   /**
-   * Message size to aim at, > 0: `IOTCOMPRESS_SELECT_ADAPTIVE_BYTES`.
+   * Message size to aim at and never exceed, > 0: `IOTCOMPRESS_SELECT_ADAPTIVE_BYTES`
+   * (e.g. `iotcompress_network_budget_bytes`).
    */
   uint32_t target_bytes;
   /**
@@ -309,6 +310,26 @@ typedef struct IotcompressHeader {
    */
   size_t message_len;
 } IotcompressHeader;
+
+/**
+ * A device's link (see `iotcompress_core::NetworkProfile`): `T_c = latency + bytes /
+ * bandwidth`, in whole microseconds and bits per second.
+ */
+typedef struct IotcompressNetwork {
+  /**
+   * Round-trip latency of one exchange, in microseconds.
+   */
+  uint64_t latency_us;
+  /**
+   * Bandwidth in bits per second (0: no link; nothing fits).
+   */
+  uint64_t bandwidth_bps;
+} IotcompressNetwork;
+
+/**
+ * A named link for `iotcompress_network_preset`.
+ */
+typedef uint32_t IotcompressNetworkPreset;
 
 /**
  * Configuration of a streaming compressor (`iotcompress_stream_*`): threshold selection over
@@ -721,7 +742,8 @@ typedef struct IotcompressStreamInfo {
 #define IOTCOMPRESS_SELECT_ADAPTIVE_DENSITY 3
 
 /**
- * Threshold adapted step to step towards a message size (field `target_bytes`).
+ * Threshold adapted step to step towards a message size (field `target_bytes`), which no
+ * message exceeds (the largest entries that fit are sent, the rest stays in the residual).
  */
 #define IOTCOMPRESS_SELECT_ADAPTIVE_BYTES 4
 
@@ -815,6 +837,31 @@ typedef struct IotcompressStreamInfo {
  * Golomb-Rice coded gaps with parameter `rice_k`.
  */
 #define IOTCOMPRESS_INDEX_RICE 2
+
+/**
+ * 0.1 ms, 10 Gbit/s.
+ */
+#define IOTCOMPRESS_NETWORK_DATACENTER 0
+
+/**
+ * 15 ms, 20 Mbit/s.
+ */
+#define IOTCOMPRESS_NETWORK_HOME_WIFI 1
+
+/**
+ * 50 ms, 5 Mbit/s.
+ */
+#define IOTCOMPRESS_NETWORK_LTE 2
+
+/**
+ * 1 s, 5 kbit/s (a LoRa-class radio).
+ */
+#define IOTCOMPRESS_NETWORK_LORA 3
+
+/**
+ * 78 ms, 100 Mbit/s (Shanghai to Boston).
+ */
+#define IOTCOMPRESS_NETWORK_INTERCONTINENTAL 4
 
 #ifdef __cplusplus
 extern "C" {
@@ -938,6 +985,27 @@ IotcompressStatus iotcompress_parse(const uint8_t *msg,
  * 1..=255.
  */
 size_t iotcompress_max_message_len(IotcompressQuant quant, uint32_t qsgd_levels, uint32_t numel);
+
+/**
+ * The preset link `preset` (`IOTCOMPRESS_NETWORK_*`); an all-zero link (nothing fits) for
+ * an unknown value.
+ */
+struct IotcompressNetwork iotcompress_network_preset(IotcompressNetworkPreset preset);
+
+/**
+ * `T_c` of one exchange of `bytes` on `network`, in microseconds (rounded up;
+ * `UINT64_MAX` without bandwidth).
+ */
+uint64_t iotcompress_network_comm_time_us(struct IotcompressNetwork network, uint64_t bytes);
+
+/**
+ * The most bytes one exchange on `network` carries within `budget_us` (at most
+ * `UINT32_MAX`; 0 when the latency alone exceeds the budget). Use it as the streaming
+ * config's `target_bytes` and as the output buffer's length (at least
+ * `min_message_len`): the encoder never writes past the buffer, so every message's `T_c`
+ * stays within the budget, and the adaptive threshold aims at that size.
+ */
+uint32_t iotcompress_network_budget_bytes(struct IotcompressNetwork network, uint64_t budget_us);
 
 /**
  * Fills `*config` with the streaming defaults: no elements and no threshold (set `numel` and

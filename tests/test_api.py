@@ -130,7 +130,7 @@ def test_read_only_gradient_is_accepted():
         (dict(density=1.5), r"density must be in \(0, 1\]"),
         (dict(density=-0.1), r"density must be in \(0, 1\]"),
         (dict(density=float("nan")), r"density must be in \(0, 1\]"),
-        (dict(density=0.1, threshold=1.0), r"at most one of density, threshold and target_bytes"),
+        (dict(density=0.1, threshold=1.0), r"at most one of density, threshold, target_bytes and network"),
         (dict(threshold=1.0, target_bytes=100), r"at most one"),
         (dict(threshold=-1.0), r"threshold must be finite and >= 0"),
         (dict(threshold=float("inf")), r"threshold must be finite"),

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import iotcompress as ic
+from iotcompress import _iotcompress as _ext
 from wire_spec import SpecError, crc32c
 from wire_spec import varint as spec_varint
 from wire_spec import decode as spec_decode
@@ -348,13 +349,28 @@ def test_adaptive_threshold_is_a_threshold(target, data, grads):
         opts = {"target_bytes": data.draw(st.integers(16, 4 * n + 64))}
     quant = data.draw(st.sampled_from(QUANT_NAMES))
     c = ic.Compressor(n, quant=quant, **opts)
+    # A byte target is a budget: at most `cap` entries, whatever their positions.
+    cap = n
+    if target == "bytes":
+        fits = lambda k: _ext.message_len_bound(n, k, quant) <= opts["target_bytes"]  # noqa: E731
+        cap = max((k for k in range(n + 1) if fits(k)), default=0)
     assert c.threshold == 0.0
     for g in grads:
         wt = c.threshold
-        v, sent, _ = check_step(c, g, quant)
+        v, sent, msg = check_step(c, g, quant)
+        if target == "bytes":
+            assert len(msg) <= max(opts["target_bytes"], _ext.message_len_bound(n, 0, quant))
+            assert sent.sum() <= cap
         if wt > 0:
-            # Calibrated: plain threshold mode, then Wt moves by at most x0.7 .. x1.4.
-            np.testing.assert_array_equal(sent, np.abs(v) >= F32(wt))
+            # Calibrated: plain threshold mode (the largest `cap` of those over budget), then
+            # Wt moves by at most x0.7 .. x1.4.
+            above = np.abs(v) >= F32(wt)
+            if above.sum() <= cap:
+                np.testing.assert_array_equal(sent, above)
+            else:
+                assert sent.sum() == cap and not (sent & ~above).any()
+                if 0 < cap:
+                    assert np.abs(v[sent]).min() >= np.abs(v[above & ~sent]).max()
             assert 0.7 * wt * (1 - 1e-6) <= c.threshold <= 1.4 * wt * (1 + 1e-6)
         elif sent.any():
             # Calibration step: Wt becomes the smallest magnitude that was sent.

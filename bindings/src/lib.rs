@@ -5,9 +5,9 @@
 //! package (`python/iotcompress/`), which is the public face.
 
 use iotcompress_core::{
-    decode_add as core_decode_add, parse, Config, Error, IndexCoding, Momentum, OwnedCompressor,
-    Quant, Selection, StateFormat, StreamCompressor, StreamConfig, StreamInfo, StreamMessage,
-    StreamTarget, Target,
+    decode_add as core_decode_add, parse, Config, Error, IndexCoding, Momentum, NetworkProfile,
+    OwnedCompressor, Quant, Selection, StateFormat, StreamCompressor, StreamConfig, StreamInfo,
+    StreamMessage, StreamTarget, Target,
 };
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadwriteArray1};
 use pyo3::exceptions::PyValueError;
@@ -485,6 +485,36 @@ fn max_encoded_len(numel: usize, quant: &str) -> PyResult<usize> {
     Ok(iotcompress_core::max_encoded_len(numel, q))
 }
 
+/// `T_c` in microseconds of one exchange of `nbytes` on a link of `latency_us` and
+/// `bandwidth_bps` (see `iotcompress_core::NetworkProfile`).
+#[pyfunction]
+fn network_comm_time_us(latency_us: u64, bandwidth_bps: u64, nbytes: u64) -> u64 {
+    NetworkProfile::new(latency_us, bandwidth_bps).comm_time_us(nbytes)
+}
+
+/// The most bytes one exchange carries within `budget_us` on that link.
+#[pyfunction]
+fn network_bytes_within(latency_us: u64, bandwidth_bps: u64, budget_us: u64) -> u64 {
+    NetworkProfile::new(latency_us, bandwidth_bps).bytes_within(budget_us)
+}
+
+/// The named presets: `[(name, latency_us, bandwidth_bps)]`.
+#[pyfunction]
+fn network_presets() -> Vec<(&'static str, u64, u64)> {
+    NetworkProfile::PRESETS
+        .iter()
+        .map(|&(name, p)| (name, p.latency_us, p.bandwidth_bps))
+        .collect()
+}
+
+/// An upper bound on the bytes of a message carrying `nnz` of `numel` elements, wherever
+/// they lie (`iotcompress_core::wire::message_len_bound`).
+#[pyfunction]
+fn message_len_bound(numel: usize, nnz: usize, quant: &str) -> PyResult<usize> {
+    let q = Quant::from_name(quant).ok_or_else(|| PyValueError::new_err("unknown quantiser"))?;
+    Ok(iotcompress_core::wire::message_len_bound(numel, nnz, q))
+}
+
 #[pymodule]
 fn _iotcompress(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyCompressor>()?;
@@ -495,6 +525,10 @@ fn _iotcompress(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(max_encoded_len, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(set_simd, m)?)?;
+    m.add_function(wrap_pyfunction!(network_comm_time_us, m)?)?;
+    m.add_function(wrap_pyfunction!(network_bytes_within, m)?)?;
+    m.add_function(wrap_pyfunction!(network_presets, m)?)?;
+    m.add_function(wrap_pyfunction!(message_len_bound, m)?)?;
     m.add("WIRE_VERSION", iotcompress_core::wire::VERSION)?;
     Ok(())
 }

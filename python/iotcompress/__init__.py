@@ -17,6 +17,7 @@ PyTorch users: see :mod:`iotcompress.torch`.
 from importlib.metadata import PackageNotFoundError, version as _version
 
 from ._core import DEFAULT_MAX_NUMEL, QUANTS, Compressor, decode, decode_add, inspect, simd_level
+from ._network import NetworkProfile
 from ._stream import STATE_FORMATS, STREAM_QUANTS, StreamingCompressor
 from ._iotcompress import WIRE_VERSION
 from .errors import CompressError, DecodeError, IotCompressError
@@ -29,6 +30,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 __all__ = [
     "Compressor",
     "StreamingCompressor",
+    "NetworkProfile",
     "decode",
     "decode_add",
     "inspect",

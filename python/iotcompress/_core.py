@@ -11,6 +11,7 @@ from typing import Any, Dict, Mapping, Optional
 import numpy as np
 
 from . import _iotcompress as _ext
+from ._network import NetworkProfile, budget_bytes
 
 __all__ = ["Compressor", "decode", "decode_add", "inspect", "QUANTS", "DEFAULT_MAX_NUMEL"]
 
@@ -95,11 +96,20 @@ def _check_quant(quant: Any) -> str:
 _SELECTION_KEYS = ("density", "threshold", "target_bytes", "adaptive", "exact")
 
 
-def _selection_options(density, threshold, target_bytes, adaptive, exact) -> Dict[str, Any]:
-    """Checks the selection options; returns them normalised."""
-    chosen = [n for n, v in (("density", density), ("threshold", threshold), ("target_bytes", target_bytes)) if v is not None]
+def _selection_options(density, threshold, target_bytes, adaptive, exact, network=None, budget_ms=None) -> Dict[str, Any]:
+    """Checks the selection options; returns them normalised (a ``network`` and
+    ``budget_ms`` become the ``target_bytes`` that fit)."""
+    if budget_ms is not None and network is None:
+        raise ValueError("budget_ms=... needs network=iotcompress.NetworkProfile(...): the link it is spent on")
+    chosen = [
+        n
+        for n, v in (("density", density), ("threshold", threshold), ("target_bytes", target_bytes), ("network", network))
+        if v is not None
+    ]
     if len(chosen) > 1:
-        raise ValueError(f"set at most one of density, threshold and target_bytes (got {', '.join(chosen)})")
+        raise ValueError(f"set at most one of density, threshold, target_bytes and network (got {', '.join(chosen)})")
+    if network is not None:
+        target_bytes = budget_bytes(network, budget_ms)
     if density is not None:
         density = _check_fraction(density, "density")
     if threshold is not None:
@@ -135,7 +145,11 @@ class Compressor:
       (sends between 0.8k and k), ``exact=True`` for exactly k;
     * ``threshold=wt``: every entry whose accumulated magnitude is at least ``wt``;
     * ``density=d, adaptive=True`` or ``target_bytes=b``: threshold mode with ``Wt`` adapted
-      each step towards that density or message size.
+      each step towards that density or message size; ``b`` is a budget: no message is
+      longer (what does not fit stays in the residual);
+    * ``network=profile, budget_ms=t``: ``target_bytes`` = the most bytes that
+      ``profile`` (a :class:`NetworkProfile`) carries in ``t`` ms, so the step's
+      ``T_c = latency + bytes / bandwidth`` stays within ``t``: a worse link, a higher ``Wt``.
 
     ``quant`` is one of ``f32 f16 bf16 int8 int4 sign ternary qsgd`` (``qsgd:S`` for S levels).
     ``momentum``/``nesterov`` turn on DGC momentum correction with factor masking (use a
@@ -171,12 +185,14 @@ class Compressor:
         target_bytes: Optional[int] = None,
         adaptive: bool = False,
         threads: int = 1,
+        network: Optional[NetworkProfile] = None,
+        budget_ms: Optional[float] = None,
     ) -> None:
         if isinstance(numel, bool) or not isinstance(numel, (int, np.integer)):
             raise TypeError(f"numel must be an int, got {type(numel).__name__}")
         if not 0 < numel < 2**32:
             raise ValueError(f"numel must be in 1..2**32-1, got {numel}")
-        selection = _selection_options(density, threshold, target_bytes, adaptive, exact)
+        selection = _selection_options(density, threshold, target_bytes, adaptive, exact, network, budget_ms)
         quant = _check_quant(quant)
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
@@ -238,16 +254,20 @@ class Compressor:
         target_bytes: Optional[int] = None,
         adaptive: bool = False,
         exact: bool = False,
+        network: Optional[NetworkProfile] = None,
+        budget_ms: Optional[float] = None,
     ) -> None:
         """Switches to another selection rule (same keywords as the constructor), keeping the
-        residual and velocity: for warm-up schedules and links whose budget changes.
+        residual and velocity: for warm-up schedules and links whose budget changes. The
+        adaptive threshold keeps its ``Wt`` when the new rule is adaptive too.
 
         Example::
 
             c.set_selection(density=0.25)    # DGC warm-up: dense-ish first
             c.set_selection(density=0.001)   # then the target
+            c.set_selection(network=ic.NetworkProfile.preset("lte"), budget_ms=80)  # the link got worse
         """
-        selection = _selection_options(density, threshold, target_bytes, adaptive, exact)
+        selection = _selection_options(density, threshold, target_bytes, adaptive, exact, network, budget_ms)
         with self._lock:
             self._ext.set_selection(**selection)
             self._options.update(selection)

@@ -144,3 +144,21 @@ def test_nccl_cuda_buckets(tmp_path):
     for hook_step, ref_step in zip(ranks[0]["hook"], ranks[0]["allreduce"]):
         for got, want in zip(hook_step, ref_step):
             torch.testing.assert_close(got, want)
+
+
+def test_per_device_budgets_hold_every_step(tmp_path):
+    """Rank 0 on LTE with 60 ms per step (6,250 B), rank 1 on a 10 kbit/s radio with 500 ms
+    (375 B): every step's modelled T_c of what each rank sends is within its budget, the ranks
+    stay in sync and the model learns."""
+    links = [(50.0, 5.0, 60.0), (200.0, 0.01, 500.0)]
+    ranks = spawn(workers.network_budgets, 2, tmp_path, links)
+    for r, (latency, mbps, budget) in zip(ranks, links):
+        for s in r["stats"]:
+            assert s["comm_time_ms"] <= budget, s
+            assert s["bytes_sent"] <= s["budget_bytes"]
+        assert r["stats"][-1]["budget_bytes"] == {0: 6250, 1: 375}[links.index((latency, mbps, budget))]
+        assert sum(r["losses"][-3:]) < sum(r["losses"][:3])
+    # The radio's rank sends less, at a higher threshold.
+    assert ranks[1]["stats"][-1]["bytes_sent"] < ranks[0]["stats"][-1]["bytes_sent"]
+    for name, w in ranks[0]["weights"].items():
+        assert torch.equal(w, ranks[1]["weights"][name])

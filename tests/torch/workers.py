@@ -235,6 +235,31 @@ def nccl_dense_equals_allreduce(rank, world, store, out_dir):
         finish()
 
 
+def network_budgets(rank, world, store, out_dir, links):
+    """Each rank on its own link with its own time budget per step (several buckets)."""
+    init(rank, world, store)
+    try:
+        model = TwoLayer()
+        ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.001)
+        latency_ms, mbps, budget_ms = links[rank]
+        state = CompressionState(network=ic.NetworkProfile(latency_ms, mbps), budget_ms=budget_ms, model=ddp,
+                                 quant="int8", momentum=0.9)
+        ddp.register_comm_hook(state, compression_hook)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        steps, losses = [], []
+        for step in range(30):
+            opt.zero_grad()
+            loss = loss_of(ddp, rank, step % 3)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            steps.append(dict(state.stats))
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+        save(out_dir, rank, {"stats": steps, "losses": losses, "weights": weights})
+    finally:
+        finish()
+
+
 def _recording(names, record):
     """A hook that saves this rank's bucket gradient per parameter name, then compresses."""
 

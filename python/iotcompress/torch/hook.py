@@ -22,6 +22,8 @@ import torch.distributed as dist
 
 import iotcompress as ic
 
+from .. import _iotcompress as _ext
+from .._network import budget_bytes
 from ._frames import join_frames, split_frames
 
 __all__ = ["CompressionState", "compression_hook", "warmup_density"]
@@ -55,6 +57,14 @@ class CompressionState:
       its L2 norm is at most ``clip_norm / sqrt(world_size)`` before it enters the residual
       (per parameter, as in DGC's reference code, which also keeps it independent of DDP's
       bucket layout);
+    * ``network``, ``budget_ms`` and ``model``: a per-device budget instead of a density or
+      threshold. This rank's link (an :class:`iotcompress.NetworkProfile`) may spend
+      ``budget_ms`` per step: the ``bytes_within(budget_ms)`` bytes are split over ``model``'s
+      parameters (each gets what one entry needs, the rest in proportion to its size, less
+      the frame lengths), and each parameter's adaptive threshold aims at its share and never
+      exceeds it. So every step's ``T_c = latency + bytes / bandwidth`` of what this rank
+      sends stays within ``budget_ms``; a rank on a worse link sends fewer entries (a higher
+      ``Wt``). Ranks may have different links. :meth:`set_budget` changes them mid-training;
     * ``delay=D`` (int >= 0): delayed gradient averaging (Zhu et al., *Delayed Gradient
       Averaging*, NeurIPS 2021). The exchange of step ``t`` is waited for only at step
       ``t + D``, so it overlaps ``D`` steps of compute; the hook returns
@@ -77,8 +87,10 @@ class CompressionState:
 
     ``stats`` (after each step): ``iteration``, ``bytes_sent`` and ``bytes_received`` by this
     rank in the last step, ``dense_bytes`` (what plain allreduce would have sent),
-    ``density`` (entries sent / elements), ``residual_norm``, and running totals
-    ``total_bytes_sent``, ``total_bytes_received``, ``total_dense_bytes``.
+    ``density`` (entries sent / elements), ``residual_norm``, running totals
+    ``total_bytes_sent``, ``total_bytes_received``, ``total_dense_bytes``, and with a
+    ``network``: ``comm_time_ms`` (the modelled ``T_c`` of the bytes sent) and
+    ``budget_bytes``.
 
     Example::
 
@@ -86,6 +98,10 @@ class CompressionState:
         model.register_comm_hook(state, compression_hook)
         ...
         torch.save({"model": model.state_dict(), "hook": state.state_dict()}, path)
+
+        # A rank on an LTE uplink that may spend 100 ms per step communicating:
+        state = CompressionState(network=ic.NetworkProfile.preset("lte"), budget_ms=100,
+                                 model=model, quant="int8", momentum=0.9)
     """
 
     __slots__ = (
@@ -103,6 +119,9 @@ class CompressionState:
         "_step",
         "_inflight",
         "_unlaunched",
+        "network",
+        "budget_ms",
+        "_budgets",
     )
 
     def __init__(
@@ -118,9 +137,14 @@ class CompressionState:
         clip_norm: Optional[float] = None,
         seed: int = 0,
         delay: int = 0,
+        network: Optional[ic.NetworkProfile] = None,
+        budget_ms: Optional[float] = None,
+        model: Optional[torch.nn.Module] = None,
     ) -> None:
         options = dict(density=density, threshold=threshold, quant=quant, momentum=momentum, nesterov=nesterov, seed=seed)
         ic.Compressor(1, **options)  # validates every option with the package's messages
+        if network is not None and (density is not None or threshold is not None):
+            raise ValueError("network=... sets the selection from the budget: leave out density and threshold")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
         if warmup_steps and density is None:
@@ -145,6 +169,46 @@ class CompressionState:
         self._inflight: Dict[int, Dict[str, Tuple["_Exchange", np.ndarray]]] = {}
         # exchanges whose sizes are out but whose payload is not, in launch order
         self._unlaunched: List["_Exchange"] = []
+        self.network: Optional[ic.NetworkProfile] = None
+        self.budget_ms: Optional[float] = None
+        self._budgets: Dict[int, int] = {}
+        if network is not None or budget_ms is not None or model is not None:
+            self.set_budget(network, budget_ms, model)
+
+    # -- per-device budgets ---------------------------------------------------------------------
+
+    def set_budget(self, network: Optional[ic.NetworkProfile], budget_ms: Optional[float], model: Optional[torch.nn.Module]) -> None:
+        """Sets (or changes, mid-training) this rank's link and time budget per step; see the
+        class docstring. ``model`` is the (DDP) model whose parameters share the budget.
+        Raises :class:`ValueError` when the budget cannot carry one entry per parameter.
+
+        Example::
+
+            state.set_budget(ic.NetworkProfile.preset("lora"), 3000, ddp_model)  # the link got worse
+        """
+        if model is None or not isinstance(model, torch.nn.Module):
+            raise ValueError("network=... needs model=...: the model whose parameters share the step's budget")
+        if self.warmup_steps:
+            raise ValueError("warmup_steps lowers a density step by step; a network budget sets the selection itself")
+        total = budget_bytes(network, budget_ms)
+        params = [p for p in model.parameters() if p.requires_grad]
+        quant = self.options["quant"]
+        # One entry per parameter first, then the rest by size; each frame costs its length.
+        floors = [_ext.message_len_bound(p.numel(), 1, quant) + 5 for p in params]
+        spare = total - sum(floors)
+        if spare < 0:
+            raise ValueError(
+                f"{network!r} carries {total} bytes in {budget_ms} ms, but {len(params)} parameters need at "
+                f"least {sum(floors)} (one entry each): raise budget_ms"
+            )
+        numel = sum(p.numel() for p in params) or 1
+        self._budgets = {id(p): f - 5 + spare * p.numel() // numel for p, f in zip(params, floors)}
+        self.network, self.budget_ms = network, float(budget_ms)
+        self.options.update(density=None, threshold=None)
+        for param_id, key in self._keys.items():
+            comp = self._compressors.get(key)
+            if comp is not None and param_id in self._budgets:
+                comp.set_selection(target_bytes=self._budgets[param_id])
 
     # -- parameters and their compressors -------------------------------------------------
 
@@ -166,6 +230,10 @@ class CompressionState:
             opts["seed"] = (opts["seed"] * 0x9E3779B1 + zlib.crc32(key.encode())) % 2**64
             if opts["density"] is not None:
                 opts["density"] = self._density_now()
+            if self.network is not None:
+                if id(param) not in self._budgets:
+                    raise ValueError("a parameter of this DDP model is not in the model given to set_budget")
+                opts["target_bytes"] = self._budgets[id(param)]
             comp = ic.Compressor(param.numel(), **opts)
             pending = self._pending.pop(key, None)
             if pending is not None:
@@ -212,6 +280,8 @@ class CompressionState:
             "delay": self.delay,
             "iteration": self.iteration,
             "stats": dict(self.stats),
+            "network": None if self.network is None else self.network.to_dict(),
+            "budget_ms": self.budget_ms,
             "compressors": compressors,
             "inflight": self._inflight_state(),
         }
@@ -253,6 +323,12 @@ class CompressionState:
             raise ValueError(f"checkpoint options {theirs} differ from this state's {mine}")
         self.iteration = int(state["iteration"])
         self.stats = dict(state["stats"])
+        if self.network is None and state.get("network") is not None:
+            # Unpickled without a model: the compressors carry their budgets; keep the link
+            # for the stats.
+            n = state["network"]
+            self.network = ic.NetworkProfile(n["latency_ms"], n["bandwidth_mbps"], n["name"])
+            self.budget_ms = state["budget_ms"]
         self._pending = dict(state["compressors"])
         for key, comp in self._compressors.items():
             if key in self._pending:
@@ -550,6 +626,11 @@ def _finish_step(state: CompressionState) -> None:
         total_bytes_received=state.stats.get("total_bytes_received", 0) + s.received,
         total_dense_bytes=state.stats.get("total_dense_bytes", 0) + s.dense,
     )
+    if state.network is not None:
+        state.stats.update(
+            comm_time_ms=state.network.comm_time_ms(s.sent),
+            budget_bytes=state.network.bytes_within(state.budget_ms),
+        )
     state.iteration += 1
     state._step = _StepStats()
 

@@ -10,7 +10,7 @@ use crate::kernels::{prefetch, Passes};
 use crate::quant::{Quant, Quantizer, ValueStats};
 use crate::rng::{self, Purpose};
 use crate::select::{
-    k_for_density, kth_largest, threshold_list_cap, SamplePlan, Selection, Target,
+    entries_within, k_for_density, kth_largest, threshold_list_cap, SamplePlan, Selection, Target,
     ThresholdController,
 };
 use crate::wire::crc::crc32c;
@@ -226,7 +226,7 @@ impl Compressor {
         }
         let velocity = &mut velocity[..self.velocity_len()];
         let cfg = self.config;
-        let (picked, target) = self.select(passes, residual, velocity, grad, scratch)?;
+        let (picked, target, crossed) = self.select(passes, residual, velocity, grad, scratch)?;
         if let Picked::All = picked {
             if let Some(info) = self.emit_dense(passes, residual, velocity, out)? {
                 self.step += 1;
@@ -315,7 +315,9 @@ impl Compressor {
                     0.0
                 };
             } else {
-                self.controller.update(nnz, target, total);
+                // Entries held back by the budget still count: they must raise `Wt`.
+                self.controller
+                    .update(crossed.unwrap_or(nnz), target, total);
             }
         }
         self.step += 1;
@@ -402,7 +404,8 @@ impl Compressor {
     }
 
     /// Accumulates the gradient into the residual and picks the entries to send.
-    /// Returns the pick and the target count (for the adaptive controller).
+    /// Returns the pick, the target count and, in adaptive threshold mode, how many entries
+    /// crossed `Wt` (more than were picked when the byte budget held some back).
     fn select(
         &mut self,
         passes: Passes,
@@ -410,28 +413,45 @@ impl Compressor {
         u: &mut [f32],
         g: &[f32],
         scratch: &mut [u32],
-    ) -> Result<(Picked, usize), Error> {
+    ) -> Result<(Picked, usize, Option<usize>), Error> {
         let n = self.numel;
         let m = self.config.momentum;
         match self.config.selection {
             Selection::Dense => {
                 passes.accumulate(m, r, u, g, None, &mut [])?;
-                Ok((Picked::All, n))
+                Ok((Picked::All, n, None))
             }
-            Selection::Threshold(wt) => Ok((self.threshold_pick(passes, r, u, g, scratch, wt)?, n)),
+            Selection::Threshold(wt) => {
+                Ok((self.threshold_pick(passes, r, u, g, scratch, wt)?, n, None))
+            }
             Selection::TopK { density, exact } => {
                 let k = k_for_density(density, n);
-                Ok((self.top_k(passes, r, u, g, scratch, k, exact)?, k))
+                Ok((self.top_k(passes, r, u, g, scratch, k, exact)?, k, None))
             }
             Selection::Adaptive(target) => {
-                let k = self
-                    .controller
-                    .target_count(target, n, self.config.quant.code_bits());
+                let quant = self.config.quant;
+                let mut k = self.controller.target_count(target, n, quant.code_bits());
+                // A byte target is a budget: no message is longer, whatever the threshold.
+                let most = match target {
+                    Target::Bytes(b) => entries_within(b as usize, n, quant),
+                    Target::Density(_) => n,
+                };
+                k = k.min(most);
                 if self.controller.threshold > 0.0 {
                     let wt = self.controller.threshold;
-                    Ok((self.threshold_pick(passes, r, u, g, scratch, wt)?, k))
+                    let picked = self.threshold_pick(passes, r, u, g, scratch, wt)?;
+                    let crossed = match picked {
+                        Picked::List { len, .. } => len,
+                        Picked::Scan { limit, .. } => limit,
+                        Picked::All => n,
+                    };
+                    let picked = keep_largest(passes, picked, r, scratch, most);
+                    Ok((picked, k, Some(crossed)))
+                } else if k == 0 {
+                    passes.accumulate(m, r, u, g, None, &mut [])?;
+                    Ok((Picked::List { start: 0, len: 0 }, 0, None))
                 } else {
-                    Ok((self.top_k(passes, r, u, g, scratch, k, false)?, k))
+                    Ok((self.top_k(passes, r, u, g, scratch, k, false)?, k, None))
                 }
             }
         }
@@ -456,10 +476,11 @@ impl Compressor {
                 len: count,
             }
         } else {
+            // `limit` is the count: every entry at or above `t`.
             Picked::Scan {
                 above: t,
                 ties: usize::MAX,
-                limit: usize::MAX,
+                limit: count,
             }
         })
     }
@@ -566,39 +587,92 @@ impl Compressor {
             });
         }
         if count > k {
-            for (d, &i) in cand_mags.iter_mut().zip(list.iter().take(count)) {
-                *d = mag_bits(r[i as usize]);
-            }
-            // The selection reorders the magnitudes; keep them in list order too where the
-            // (now unused) sample has room, instead of reading `r` at random places again.
-            let in_order = sample.get_mut(..count).map(|copy| {
-                copy.copy_from_slice(&cand_mags[..count]);
-                &*copy
-            });
-            let (tk, greater) = kth_largest(&mut cand_mags[..count], k);
-            let mut ties = k - greater;
-            let mut kept = 0;
-            for j in 0..count {
-                let i = list[j];
-                let mag = match in_order {
-                    Some(mags) => mags[j],
-                    None => mag_bits(r[i as usize]),
-                };
-                let keep = mag > tk || (mag == tk && ties > 0);
-                if mag == tk && keep {
-                    ties -= 1;
-                }
-                if keep {
-                    list[kept] = i;
-                    kept += 1;
-                }
-            }
-            count = kept;
+            count = trim_candidates(r, &mut list[..count], cand_mags, Some(sample), k);
         }
         Ok(Picked::List {
             start: plan.sample,
             len: count,
         })
+    }
+}
+
+/// Keeps the `k` largest magnitudes of the candidates in `list` (ties: lower index), in
+/// order; returns how many remain. `mags` needs `list.len()` words; `in_order`, when it has
+/// room, saves reading `r` at random places a second time. `k < list.len()`.
+fn trim_candidates(
+    r: &[f32],
+    list: &mut [u32],
+    mags: &mut [u32],
+    in_order: Option<&mut [u32]>,
+    k: usize,
+) -> usize {
+    let count = list.len();
+    for (d, &i) in mags.iter_mut().zip(list.iter()) {
+        *d = mag_bits(r[i as usize]);
+    }
+    // The selection reorders the magnitudes; keep them in list order too.
+    let in_order = in_order.and_then(|o| o.get_mut(..count)).map(|copy| {
+        copy.copy_from_slice(&mags[..count]);
+        &*copy
+    });
+    let (tk, greater) = kth_largest(&mut mags[..count], k);
+    let mut ties = k - greater;
+    let mut kept = 0;
+    for j in 0..count {
+        let i = list[j];
+        let mag = match in_order {
+            Some(mags) => mags[j],
+            None => mag_bits(r[i as usize]),
+        };
+        let keep = mag > tk || (mag == tk && ties > 0);
+        if mag == tk && keep {
+            ties -= 1;
+        }
+        if keep {
+            list[kept] = i;
+            kept += 1;
+        }
+    }
+    kept
+}
+
+/// At most `most` of the picked entries: the largest (ties: lower index) when the
+/// candidates are listed and there is scratch to rank them, else an exact selection over
+/// all of `v` (in `r`).
+fn keep_largest(
+    passes: Passes,
+    picked: Picked,
+    r: &[f32],
+    scratch: &mut [u32],
+    most: usize,
+) -> Picked {
+    match picked {
+        Picked::List { start: 0, len } if len > most => {
+            let (list, rest) = scratch.split_at_mut(len);
+            if most == 0 {
+                Picked::List { start: 0, len: 0 }
+            } else if rest.len() >= len {
+                let kept = trim_candidates(r, list, rest, None, most);
+                Picked::List {
+                    start: 0,
+                    len: kept,
+                }
+            } else {
+                exact_top_k(passes, r, &mut scratch[..r.len()], most)
+            }
+        }
+        Picked::Scan { limit, .. } if limit > most => {
+            let n = r.len();
+            match scratch.get_mut(..n) {
+                Some(mags) if most > 0 => exact_top_k(passes, r, mags, most),
+                _ => Picked::Scan {
+                    above: u32::MAX,
+                    ties: 0,
+                    limit: 0,
+                },
+            }
+        }
+        other => other,
     }
 }
 

@@ -47,6 +47,7 @@ pub mod feedback;
 mod float;
 #[doc(hidden)]
 pub mod kernels;
+pub mod network;
 #[cfg(feature = "alloc")]
 mod owned;
 pub mod quant;
@@ -59,6 +60,7 @@ pub use compress::{Buffers, Compressor, Config, StepInfo};
 pub use error::Error;
 pub use feedback::Momentum;
 pub use float::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
+pub use network::NetworkProfile;
 #[cfg(feature = "alloc")]
 pub use owned::{decode_to_vec, OwnedCompressor};
 pub use quant::Quant;

@@ -16,7 +16,8 @@
 //! * **Dense**: everything.
 //! * **Adaptive** ([`ThresholdController`]): threshold mode whose `Wt` is adjusted each step
 //!   to hit a target density or byte budget, for devices that stream the gradient and cannot
-//!   hold it for a top-k.
+//!   hold it for a top-k. A byte budget is never exceeded (see [`Target::Bytes`]); with
+//!   [`crate::NetworkProfile::bytes_within`] it keeps a device's `T_c` within a time budget.
 //!
 //! Magnitudes are compared as the integer bits of `|v|`, which order like the floats.
 
@@ -45,7 +46,9 @@ pub enum Selection {
 pub enum Target {
     /// A fraction of elements per message, in (0, 1].
     Density(f64),
-    /// Bytes per message.
+    /// Bytes per message: a budget. The threshold aims at it, and a step whose threshold
+    /// picks more than fits sends only the largest entries that fit for certain
+    /// ([`entries_within`]); the rest stays in the residual.
     Bytes(u32),
 }
 
@@ -105,6 +108,30 @@ impl SamplePlan {
     pub fn hits_for(&self, numel: usize, aim: f64) -> usize {
         let h = (aim * self.sample as f64 / numel as f64 + 0.5) as usize;
         h.clamp(1, self.sample)
+    }
+}
+
+/// The most entries a message of `numel` elements may carry and still be at most `bytes`
+/// long wherever they lie ([`crate::wire::message_len_bound`]); 0 when even that does not fit.
+pub fn entries_within(bytes: usize, numel: usize, quant: crate::Quant) -> usize {
+    let fits = |k: usize| crate::wire::message_len_bound(numel, k, quant) <= bytes;
+    if fits(numel) {
+        return numel;
+    }
+    // The bound increases with k: the largest k that fits, by bisection.
+    let (mut lo, mut hi) = (0usize, numel);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    if fits(lo) {
+        lo
+    } else {
+        0
     }
 }
 

@@ -376,6 +376,89 @@ fn exact_top_k_of_large_tensors_is_exact() {
     }
 }
 
+/// A byte target is a budget: no message is longer, even when the gradient's scale jumps
+/// (the threshold is then far too low), and what does not fit stays in the residual.
+#[test]
+fn byte_budget_is_never_exceeded() {
+    let mut rng = TestRng(2024);
+    for &n in &[40usize, 3000, 70_000] {
+        for quant in [Quant::Int8, Quant::F32, Quant::Int4, Quant::Sign] {
+            for budget in [30u32, 64, 200, 1500] {
+                let floor = iotcompress_core::wire::message_len_bound(n, 0, quant);
+                let mut c = compressor(
+                    config(
+                        Selection::Adaptive(Target::Bytes(budget)),
+                        quant,
+                        Momentum::Vanilla(0.9),
+                        7,
+                    ),
+                    n,
+                );
+                for step in 0..12 {
+                    // Shocks at steps 5 and 9: a thousand times larger gradients.
+                    let scale = if step == 5 || step == 9 { 1e3 } else { 1.0 };
+                    let g = rng.normals(n, scale);
+                    let (r_old, u_old) = (c.residual().to_vec(), c.velocity().to_vec());
+                    let (v, _) = expected_v(Momentum::Vanilla(0.9), &r_old, &u_old, &g);
+                    let msg = c.compress_to_vec(&g).unwrap();
+                    assert!(
+                        msg.len() <= (budget as usize).max(floor),
+                        "n {n} {quant:?} budget {budget} step {step}: {} bytes",
+                        msg.len()
+                    );
+                    // Nothing lost: what was sent plus what stays is what there was.
+                    let d = decode_to_vec(&msg, n).unwrap();
+                    for i in 0..n {
+                        let kept = d[i] + c.residual()[i];
+                        let tol = 2.0 * f32::EPSILON * (v[i].abs() + d[i].abs());
+                        assert!(
+                            (kept - v[i]).abs() <= tol,
+                            "step {step} element {i}: {kept} != {}",
+                            v[i]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `message_len_bound` bounds real messages wherever the entries lie.
+#[test]
+fn message_len_bound_holds() {
+    let mut rng = TestRng(77);
+    for &n in &[1usize, 9, 100, 5000, 100_000] {
+        for density in [1e-4, 1e-3, 0.01, 0.1, 0.5, 0.9] {
+            for quant in QUANTS {
+                let sel = Selection::TopK {
+                    density,
+                    exact: true,
+                };
+                let mut c = compressor(config(sel, quant, Momentum::None, 3), n);
+                // Clustered and spread-out positions.
+                let mut g = rng.normals(n, 1.0);
+                if density < 0.05 {
+                    for (i, x) in g.iter_mut().enumerate() {
+                        if i % 97 < 90 {
+                            *x *= 1e-3;
+                        }
+                    }
+                }
+                let msg = c.compress_to_vec(&g).unwrap();
+                let nnz = entries(&msg).len();
+                let bound = iotcompress_core::wire::message_len_bound(n, nnz, quant);
+                assert!(
+                    msg.len() <= bound,
+                    "n {n} d {density} {quant:?}: {} > {bound}",
+                    msg.len()
+                );
+                let k = iotcompress_core::select::entries_within(bound, n, quant);
+                assert!(k >= nnz, "entries_within({bound}) = {k} < {nnz}");
+            }
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 

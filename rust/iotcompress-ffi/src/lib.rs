@@ -25,9 +25,9 @@ use core::ffi::{c_char, CStr};
 use core::mem::{align_of, size_of};
 
 use iotcompress_core::{
-    decode_add, parse, Buffers, Compressor, Config, Error, Header, IndexCoding, Momentum, Quant,
-    Selection, StateFormat, StreamCompressor, StreamConfig, StreamMessage, StreamTarget, Target,
-    ThresholdController,
+    decode_add, parse, Buffers, Compressor, Config, Error, Header, IndexCoding, Momentum,
+    NetworkProfile, Quant, Selection, StateFormat, StreamCompressor, StreamConfig, StreamMessage,
+    StreamTarget, Target, ThresholdController,
 };
 
 // --- status codes ------------------------------------------------------------------------
@@ -317,7 +317,8 @@ pub const IOTCOMPRESS_SELECT_THRESHOLD: IotcompressSelection = 1;
 pub const IOTCOMPRESS_SELECT_TOPK: IotcompressSelection = 2;
 /// Threshold adapted step to step towards a density (field `density`).
 pub const IOTCOMPRESS_SELECT_ADAPTIVE_DENSITY: IotcompressSelection = 3;
-/// Threshold adapted step to step towards a message size (field `target_bytes`).
+/// Threshold adapted step to step towards a message size (field `target_bytes`), which no
+/// message exceeds (the largest entries that fit are sent, the rest stays in the residual).
 pub const IOTCOMPRESS_SELECT_ADAPTIVE_BYTES: IotcompressSelection = 4;
 
 /// Value quantiser of `IotcompressConfig.quant` and `IotcompressHeader.quant`; the
@@ -399,7 +400,8 @@ pub struct IotcompressConfig {
     pub selection: IotcompressSelection,
     /// Threshold `Wt >= 0`: `IOTCOMPRESS_SELECT_THRESHOLD`.
     pub threshold: f32,
-    /// Message size to aim at, > 0: `IOTCOMPRESS_SELECT_ADAPTIVE_BYTES`.
+    /// Message size to aim at and never exceed, > 0: `IOTCOMPRESS_SELECT_ADAPTIVE_BYTES`
+    /// (e.g. `iotcompress_network_budget_bytes`).
     pub target_bytes: u32,
     /// Non-zero: exact top-k over all magnitudes; zero: DGC's sampled estimate.
     pub exact: u32,
@@ -1397,6 +1399,75 @@ pub extern "C" fn iotcompress_max_message_len(
         Ok(c) => iotcompress_core::max_encoded_len(numel as usize, c.quant),
         Err(_) => 0,
     }
+}
+
+// --- links and budgets ------------------------------------------------------------------
+
+/// A device's link (see `iotcompress_core::NetworkProfile`): `T_c = latency + bytes /
+/// bandwidth`, in whole microseconds and bits per second.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IotcompressNetwork {
+    /// Round-trip latency of one exchange, in microseconds.
+    pub latency_us: u64,
+    /// Bandwidth in bits per second (0: no link; nothing fits).
+    pub bandwidth_bps: u64,
+}
+
+impl From<IotcompressNetwork> for NetworkProfile {
+    fn from(n: IotcompressNetwork) -> Self {
+        NetworkProfile::new(n.latency_us, n.bandwidth_bps)
+    }
+}
+
+/// A named link for `iotcompress_network_preset`.
+pub type IotcompressNetworkPreset = u32;
+/// 0.1 ms, 10 Gbit/s.
+pub const IOTCOMPRESS_NETWORK_DATACENTER: IotcompressNetworkPreset = 0;
+/// 15 ms, 20 Mbit/s.
+pub const IOTCOMPRESS_NETWORK_HOME_WIFI: IotcompressNetworkPreset = 1;
+/// 50 ms, 5 Mbit/s.
+pub const IOTCOMPRESS_NETWORK_LTE: IotcompressNetworkPreset = 2;
+/// 1 s, 5 kbit/s (a LoRa-class radio).
+pub const IOTCOMPRESS_NETWORK_LORA: IotcompressNetworkPreset = 3;
+/// 78 ms, 100 Mbit/s (Shanghai to Boston).
+pub const IOTCOMPRESS_NETWORK_INTERCONTINENTAL: IotcompressNetworkPreset = 4;
+
+/// The preset link `preset` (`IOTCOMPRESS_NETWORK_*`); an all-zero link (nothing fits) for
+/// an unknown value.
+#[no_mangle]
+pub extern "C" fn iotcompress_network_preset(
+    preset: IotcompressNetworkPreset,
+) -> IotcompressNetwork {
+    match NetworkProfile::PRESETS.get(preset as usize) {
+        Some(&(_, p)) => IotcompressNetwork {
+            latency_us: p.latency_us,
+            bandwidth_bps: p.bandwidth_bps,
+        },
+        None => IotcompressNetwork::default(),
+    }
+}
+
+/// `T_c` of one exchange of `bytes` on `network`, in microseconds (rounded up;
+/// `UINT64_MAX` without bandwidth).
+#[no_mangle]
+pub extern "C" fn iotcompress_network_comm_time_us(network: IotcompressNetwork, bytes: u64) -> u64 {
+    NetworkProfile::from(network).comm_time_us(bytes)
+}
+
+/// The most bytes one exchange on `network` carries within `budget_us` (at most
+/// `UINT32_MAX`; 0 when the latency alone exceeds the budget). Use it as the streaming
+/// config's `target_bytes` and as the output buffer's length (at least
+/// `min_message_len`): the encoder never writes past the buffer, so every message's `T_c`
+/// stays within the budget, and the adaptive threshold aims at that size.
+#[no_mangle]
+pub extern "C" fn iotcompress_network_budget_bytes(
+    network: IotcompressNetwork,
+    budget_us: u64,
+) -> u32 {
+    NetworkProfile::from(network)
+        .bytes_within(budget_us)
+        .min(u32::MAX as u64) as u32
 }
 
 // --- the streaming compressor --------------------------------------------------------------

@@ -413,3 +413,66 @@ fn the_c_stream_carries_everything_the_core_compressor_holds() {
         "iotcompress_core::StreamCompressor changed shape"
     );
 }
+
+/// A device on a LoRa-class link with 2 s per step: the preset's byte budget as the target
+/// and as the output buffer keeps every message's `T_c` within the budget, the adaptive
+/// threshold settles near the budget, and what is held back is not lost.
+#[test]
+fn network_budget_bounds_every_message() {
+    let lora = iotcompress_network_preset(IOTCOMPRESS_NETWORK_LORA);
+    assert_eq!(lora.latency_us, 1_000_000);
+    assert_eq!(lora.bandwidth_bps, 5_000);
+    let budget_us = 2_000_000;
+    let bytes = iotcompress_network_budget_bytes(lora, budget_us);
+    assert_eq!(bytes, 625); // 1 s of 5 kbit/s
+    assert!(iotcompress_network_comm_time_us(lora, bytes as u64) <= budget_us);
+    assert!(iotcompress_network_comm_time_us(lora, bytes as u64 + 1) > budget_us);
+    assert_eq!(iotcompress_network_budget_bytes(lora, 999_999), 0);
+    let unknown = iotcompress_network_preset(99);
+    assert_eq!(iotcompress_network_budget_bytes(unknown, u64::MAX), 0);
+    assert_eq!(iotcompress_network_comm_time_us(unknown, 1), u64::MAX);
+
+    let n = 4000;
+    let mut c = config(n);
+    c.quant = IOTCOMPRESS_QUANT_INT8;
+    c.target_bytes = bytes;
+    c.threshold = 0.01; // far too low at first: the buffer must hold the line
+    let mut dev = Device::new(&c, Some(bytes as usize));
+    let mut x = 12345u64;
+    let mut sizes = Vec::new();
+    let mut sent_total = vec![0.0f32; n as usize];
+    let mut grad_total = vec![0.0f64; n as usize];
+    for _ in 0..40 {
+        let g: Vec<f32> = (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                ((x >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect();
+        for (t, &gi) in grad_total.iter_mut().zip(&g) {
+            *t += gi as f64;
+        }
+        let msg = dev.message(&g, 333);
+        assert!(msg.len() <= bytes as usize, "{} > {bytes}", msg.len());
+        assert!(iotcompress_network_comm_time_us(lora, msg.len() as u64) <= budget_us);
+        decode_add(&msg, &mut sent_total, 1.0).unwrap();
+        sizes.push(msg.len());
+    }
+    let late = sizes[30..].iter().sum::<usize>() as f64 / 10.0;
+    assert!(
+        late > 0.7 * bytes as f64,
+        "messages stay far below the budget: {sizes:?}"
+    );
+    // Sent + residual = every gradient so far (f32 state: up to rounding).
+    for i in 0..n as usize {
+        let r = f32::from_le_bytes(dev.state[4 * i..4 * i + 4].try_into().unwrap());
+        let kept = sent_total[i] as f64 + r as f64;
+        assert!(
+            (kept - grad_total[i]).abs() < 1e-3,
+            "element {i}: {kept} vs {}",
+            grad_total[i]
+        );
+    }
+}

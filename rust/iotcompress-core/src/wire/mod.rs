@@ -136,6 +136,24 @@ pub const fn max_encoded_len(numel: usize, quant: Quant) -> usize {
     MAX_HEADER_LEN + numel.div_ceil(8) + values + CHECKSUM_LEN
 }
 
+/// An upper bound on the length of a message carrying `nnz` of `numel` elements, whatever
+/// their positions: the encoder picks the smallest index coding, and Rice with `2^k` near
+/// `numel / nnz` costs at most `numel >> k` quotient bits plus `k + 1` bits per entry (the
+/// gaps sum to less than `numel`). Increasing in `nnz`.
+pub fn message_len_bound(numel: usize, nnz: usize, quant: Quant) -> usize {
+    if nnz >= numel {
+        return max_encoded_len(numel, quant);
+    }
+    let (n, k) = (numel as u64, nnz as u64);
+    let rice = (0..32u32)
+        .map(|b| (n.div_ceil(1 << b) + k * (b as u64 + 1)).div_ceil(8))
+        .min()
+        .unwrap_or(u64::MAX);
+    let index = rice.min(n.div_ceil(8));
+    let values = quant.value_bytes(k).unwrap_or(u64::MAX / 4);
+    (MAX_HEADER_LEN as u64 + CHECKSUM_LEN as u64 + index + values).min(usize::MAX as u64) as usize
+}
+
 /// Bytes of the LEB128 encoding of `v`.
 pub const fn varint_len(v: u32) -> usize {
     match v {
