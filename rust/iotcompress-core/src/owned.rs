@@ -4,29 +4,61 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
-use crate::compress::{Buffers, Compressor, Config, StepInfo};
+use crate::compress::{Buffers, Compressor, Config, Spare, StepInfo};
 use crate::select::Selection;
 use crate::Error;
 
-/// A compressor that owns its state; allocation happens once, in [`OwnedCompressor::new`].
+/// Tensors of at least this many elements are double-buffered by default
+/// ([`OwnedCompressor::set_double_buffering`]). Below it the tensors stay in the caches
+/// between the finiteness check and the accumulation, so the check's read costs little,
+/// and the state would be written to memory the caches do not hold.
+pub const DOUBLE_BUFFER_MIN: usize = 1 << 16;
+
+/// A compressor that owns its state; allocation happens in [`OwnedCompressor::new`] (and
+/// in [`OwnedCompressor::set_double_buffering`]), never while compressing.
 #[derive(Clone, Debug)]
 pub struct OwnedCompressor {
     core: Compressor,
     residual: Vec<f32>,
     velocity: Vec<f32>,
     scratch: Vec<u32>,
+    /// The spare residual and velocity of double buffering (see [`Spare`]), swapped with
+    /// `residual` and `velocity` after each message.
+    spare: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 impl OwnedCompressor {
-    /// A compressor with zero residual and velocity.
+    /// A compressor with zero residual and velocity; double-buffered from
+    /// [`DOUBLE_BUFFER_MIN`] elements.
     pub fn new(config: Config, numel: usize) -> Result<Self, Error> {
         let core = Compressor::new(config, numel)?;
-        Ok(OwnedCompressor {
+        let mut c = OwnedCompressor {
             residual: vec![0.0; numel],
             velocity: vec![0.0; core.velocity_len()],
             scratch: vec![0; core.scratch_len()],
+            spare: None,
             core,
-        })
+        };
+        c.set_double_buffering(numel >= DOUBLE_BUFFER_MIN);
+        Ok(c)
+    }
+
+    /// Double buffering: a second residual and velocity ([`Spare`]) receive each new state,
+    /// so the gradient is read once instead of twice (the finiteness check comes free with
+    /// the accumulation) and every error leaves the state unchanged; the cost is twice the
+    /// state's memory. Off, the state is updated in place (what microcontrollers do).
+    pub fn set_double_buffering(&mut self, on: bool) {
+        self.spare = on.then(|| {
+            (
+                vec![0.0; self.residual.len()],
+                vec![0.0; self.velocity.len()],
+            )
+        });
+    }
+
+    /// Whether the compressor is double-buffered.
+    pub fn double_buffering(&self) -> bool {
+        self.spare.is_some()
     }
 
     /// The counters and configuration.
@@ -85,8 +117,17 @@ impl OwnedCompressor {
             residual: &mut self.residual,
             velocity: &mut self.velocity,
             scratch: &mut self.scratch,
+            spare: self.spare.as_mut().map(|(r, u)| Spare {
+                residual: r,
+                velocity: u,
+            }),
         };
-        self.core.compress(bufs, grad, out)
+        let info = self.core.compress(bufs, grad, out)?;
+        if let Some((r, u)) = self.spare.as_mut().filter(|_| info.swapped) {
+            core::mem::swap(&mut self.residual, r);
+            core::mem::swap(&mut self.velocity, u);
+        }
+        Ok(info)
     }
 
     /// Compresses `grad` into a new vector of exactly the message's length.
