@@ -143,7 +143,7 @@ class Compressor:
     gradients (a few million elements and up) over that many cores; the messages do not
     depend on it. A compressor may be shared between Python threads; their calls take turns.
 
-    Memory: gradients of at least 65,536 elements are double-buffered, each step writes the
+    Memory: gradients of at least 2**23 (8,388,608) elements are double-buffered, each step writes the
     new residual (and velocity) into a second buffer and keeps it only when every value is
     finite. That reads the gradient once instead of twice (a non-finite gradient is caught by
     the accumulation itself) at the cost of twice the state's memory: 2 x 4 bytes per element,
@@ -264,7 +264,7 @@ class Compressor:
 
     @property
     def double_buffered(self) -> bool:
-        """Whether the state is double-buffered: True from 65,536 elements unless the
+        """Whether the state is double-buffered: True from 2**23 elements unless the
         compressor was made with ``low_memory=True``."""
         return self._ext.double_buffered
 

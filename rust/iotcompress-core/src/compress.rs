@@ -105,6 +105,11 @@ pub struct StepInfo {
     pub swapped: bool,
 }
 
+/// From this many elements (16 MiB per tensor) the accumulation into a spare bypasses the
+/// caches: the tensors no longer fit in them, and the new state costs no read for ownership.
+/// Below, plain stores leave it in the caches for the rest of the call and the next one.
+const STREAM_MIN: usize = 1 << 22;
+
 /// The residual and velocity of one call: the old state until the accumulation, then the
 /// new one, in place or in the spare.
 struct State<'a> {
@@ -149,6 +154,7 @@ impl State<'_> {
                 u: self.u,
                 r_new: s.residual,
                 u_new: s.velocity,
+                stream: g.len() >= STREAM_MIN,
             },
             None => Update::InPlace {
                 r: self.r,

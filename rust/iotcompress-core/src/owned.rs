@@ -8,11 +8,13 @@ use crate::compress::{Buffers, Compressor, Config, Spare, StepInfo};
 use crate::select::Selection;
 use crate::Error;
 
-/// Tensors of at least this many elements are double-buffered by default
-/// ([`OwnedCompressor::set_double_buffering`]). Below it the tensors stay in the caches
-/// between the finiteness check and the accumulation, so the check's read costs little,
-/// and the state would be written to memory the caches do not hold.
-pub const DOUBLE_BUFFER_MIN: usize = 1 << 16;
+/// Tensors of at least this many elements (32 MiB of float32) are double-buffered by default
+/// ([`OwnedCompressor::set_double_buffering`]). Smaller ones are faster in place: the
+/// finiteness check's read leaves the gradient in the last-level cache (tens of MiB) for the
+/// accumulation, while a spare adds a tensor to the working set. Measured on a 32 MiB-L3
+/// AMD EPYC (docs/performance.md): in place wins below 2^22 elements, the two are even
+/// at 2^23 and the spare wins from 2^24.
+pub const DOUBLE_BUFFER_MIN: usize = 1 << 23;
 
 /// A compressor that owns its state; allocation happens in [`OwnedCompressor::new`] (and
 /// in [`OwnedCompressor::set_double_buffering`]), never while compressing.

@@ -104,7 +104,15 @@ fn run_into(
     let (mut rn, mut un) = (spare(r.len(), offsets.0), spare(u.len(), offsets.1));
     let (r_new, u_new) = (&mut rn[offsets.0..], &mut un[offsets.1..]);
     let mut list = vec![u32::MAX; cap];
-    let upd = Update::Into { r, u, r_new, u_new };
+    // Streaming (non-temporal stores) and plain: the same bits.
+    let stream = offsets.0 & 1 == 0;
+    let upd = Update::Into {
+        r,
+        u,
+        r_new,
+        u_new,
+        stream,
+    };
     let a = if threads == 1 {
         kernels::accumulate(level, rule, upd, g, at, &mut list, 0)
     } else {
@@ -153,6 +161,7 @@ proptest! {
         cap in 0usize..64,
         base in any::<u32>(),
         offsets in (0usize..8, 0usize..8),
+        stream in any::<bool>(),
         r_start in 0usize..8,
     ) {
         let n = g.len();
@@ -165,7 +174,7 @@ proptest! {
         for level in Level::all_supported() {
             let (mut rn, mut un) = (spare(n, offsets.0), spare(u.len(), offsets.1));
             let mut list = vec![u32::MAX; cap];
-            let upd = Update::Into { r, u: &u, r_new: &mut rn[offsets.0..], u_new: &mut un[offsets.1..] };
+            let upd = Update::Into { r, u: &u, r_new: &mut rn[offsets.0..], u_new: &mut un[offsets.1..], stream };
             let a = kernels::accumulate(level, rule, upd, &g, at, &mut list, base);
             let got = (a, bits(&rn[offsets.0..]), bits(&un[offsets.1..]), list);
             prop_assert_eq!(&got, &want, "{:?} {:?}", level, offsets);
@@ -443,7 +452,7 @@ fn threaded_accumulate_into_matches_scalar() {
             let want = run_accumulate(Level::Scalar, rule, &r, &u, &g, at, n, 0);
             for level in Level::all_supported() {
                 for threads in 1..=4 {
-                    for offsets in [(0, 0), (1, 5), (7, 7)] {
+                    for offsets in [(0, 0), (1, 5), (7, 7), (2, 2)] {
                         let got = run_into(level, threads, rule, &r, &u, &g, at, n, offsets);
                         let case = format!("{level:?} {rule:?} x{threads} {offsets:?} {bad:?}");
                         assert_eq!(got.0, want.0, "{case}");
@@ -488,7 +497,8 @@ fn double_buffering_loses_nothing_on_bad_input() {
                     rng
                 };
                 let mut c = OwnedCompressor::new(config, n).unwrap();
-                assert!(c.double_buffering());
+                assert!(!c.double_buffering(), "below DOUBLE_BUFFER_MIN");
+                c.set_double_buffering(true);
                 c.set_threads(threads);
                 let mut rng = warm(&mut c);
                 let before = (bits(c.residual()), bits(c.velocity()), *c.core());

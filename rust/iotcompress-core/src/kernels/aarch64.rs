@@ -40,7 +40,9 @@ pub fn accumulate(
                     u_new: up,
                 }
             }
-            Update::Into { r, u, r_new, u_new } => Ptrs {
+            Update::Into {
+                r, u, r_new, u_new, ..
+            } => Ptrs {
                 r: r.as_ptr(),
                 u: u.as_ptr(),
                 g: g.as_ptr(),

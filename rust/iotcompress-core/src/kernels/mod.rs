@@ -200,8 +200,7 @@ pub enum Update<'a> {
         u: &'a mut [f32],
     },
     /// `r` and `u` are only read (they stay the old state); `v` and the new velocity go to
-    /// `r_new` and `u_new`. The AVX2 kernel writes them with non-temporal stores (no read
-    /// for ownership: the pass then moves as many bytes as `r += g`).
+    /// `r_new` and `u_new`.
     Into {
         /// Old residual.
         r: &'a [f32],
@@ -211,6 +210,11 @@ pub enum Update<'a> {
         r_new: &'a mut [f32],
         /// Receives the new velocity (may be empty without momentum).
         u_new: &'a mut [f32],
+        /// Write the new values around the caches (AVX2: non-temporal stores, no read for
+        /// ownership, so the pass moves as many bytes as `r += g`). Worth it when the
+        /// tensors do not fit in the caches anyway; smaller ones are better left there for
+        /// the next pass. Only the speed depends on it.
+        stream: bool,
     },
 }
 
@@ -221,7 +225,9 @@ impl<'a> Update<'a> {
         let u_len = |u: usize| if has_u { u } else { usize::MAX };
         match self {
             Update::InPlace { r, u } => r.len().min(u_len(u.len())),
-            Update::Into { r, u, r_new, u_new } => r
+            Update::Into {
+                r, u, r_new, u_new, ..
+            } => r
                 .len()
                 .min(r_new.len())
                 .min(u_len(u.len()))
@@ -238,7 +244,19 @@ impl<'a> Update<'a> {
     pub fn reborrow(&mut self) -> Update<'_> {
         match self {
             Update::InPlace { r, u } => Update::InPlace { r, u },
-            Update::Into { r, u, r_new, u_new } => Update::Into { r, u, r_new, u_new },
+            Update::Into {
+                r,
+                u,
+                r_new,
+                u_new,
+                stream,
+            } => Update::Into {
+                r,
+                u,
+                r_new,
+                u_new,
+                stream: *stream,
+            },
         }
     }
 
@@ -259,7 +277,13 @@ impl<'a> Update<'a> {
                     Update::InPlace { r: r1, u: u1 },
                 )
             }
-            Update::Into { r, u, r_new, u_new } => {
+            Update::Into {
+                r,
+                u,
+                r_new,
+                u_new,
+                stream,
+            } => {
                 let (r0, r1) = r.split_at(mid);
                 let (n0, n1) = r_new.split_at_mut(mid);
                 let ((u0, u1), (m0, m1)) = if has_u {
@@ -273,12 +297,14 @@ impl<'a> Update<'a> {
                         u: u0,
                         r_new: n0,
                         u_new: m0,
+                        stream,
                     },
                     Update::Into {
                         r: r1,
                         u: u1,
                         r_new: n1,
                         u_new: m1,
+                        stream,
                     },
                 )
             }

@@ -46,7 +46,12 @@ pub fn accumulate(
                 *r = step(i, *r, 0.0, g).0;
             }
         }
-        (Update::Into { r, u, r_new, u_new }, true) => {
+        (
+            Update::Into {
+                r, u, r_new, u_new, ..
+            },
+            true,
+        ) => {
             let new = r_new.iter_mut().zip(u_new.iter_mut());
             for (i, (((&r, &u), &g), (rn, un))) in r.iter().zip(u).zip(g).zip(new).enumerate() {
                 (*rn, *un) = step(i, r, u, g);

@@ -38,11 +38,15 @@ pub fn accumulate(
 ) -> Accumulated {
     let m = rule.factor();
     let at = gather_at.unwrap_or(0);
-    // Out of place, the scalar kernel runs the elements before `r_new`'s first 32-byte
+    // Streaming, the scalar kernel runs the elements before `r_new`'s first 32-byte
     // boundary, so that the body's stores of `v` are aligned and can bypass the cache.
     let head = match &upd {
-        Update::InPlace { .. } => 0,
-        Update::Into { r_new, .. } => r_new.as_ptr().align_offset(STREAM_ALIGN),
+        Update::Into {
+            r_new,
+            stream: true,
+            ..
+        } => r_new.as_ptr().align_offset(STREAM_ALIGN),
+        _ => 0,
     };
     let simd = |upd: Update<'_>, g: &[f32], list: &mut [u32], base: u32| {
         let body = g.len();
@@ -59,12 +63,18 @@ pub fn accumulate(
                     stream_u: false,
                 }
             }
-            Update::Into { r, u, r_new, u_new } => Ptrs {
+            Update::Into {
+                r,
+                u,
+                r_new,
+                u_new,
+                stream,
+            } => Ptrs {
                 r: r.as_ptr(),
                 u: u.as_ptr(),
                 g: g.as_ptr(),
-                stream_r: aligned(r_new),
-                stream_u: aligned(u_new),
+                stream_r: stream && aligned(r_new),
+                stream_u: stream && aligned(u_new),
                 r_new: r_new.as_mut_ptr(),
                 u_new: u_new.as_mut_ptr(),
             },
