@@ -12,7 +12,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use iotcompress_core::kernels::{self, Level};
+use iotcompress_core::kernels::{self, Level, Update};
 use iotcompress_core::{
     decode_add, Buffers, Compressor, Config, Momentum, Quant, Selection, Target,
 };
@@ -114,8 +114,10 @@ fn accumulate(c: &mut Criterion) {
                             black_box(kernels::accumulate(
                                 level,
                                 rule,
-                                &mut r,
-                                &mut u,
+                                Update::InPlace {
+                                    r: &mut r,
+                                    u: &mut u,
+                                },
                                 if flip { &g } else { &neg },
                                 Some(0x3f80_0000),
                                 &mut list,
@@ -158,6 +160,7 @@ fn compress(c: &mut Criterion) {
                         residual: &mut r,
                         velocity: &mut u,
                         scratch: &mut s,
+                        spare: None,
                     };
                     black_box(comp.compress(bufs, &grads[step % 2], &mut out).unwrap())
                 })

@@ -668,6 +668,45 @@ def test_residual_overflow_is_a_compress_error():
         c.compress(g)  # 6e38 overflows float32
 
 
+def test_double_buffering_is_on_for_large_tensors_and_changes_no_byte():
+    import pickle
+
+    n = 1 << 23  # the smallest double-buffered size
+    big = ic.Compressor(n, density=0.001, quant="int8", momentum=0.9)
+    low = ic.Compressor(n, density=0.001, quant="int8", momentum=0.9, low_memory=True)
+    assert big.double_buffered and not low.double_buffered
+    assert not ic.Compressor(n - 1).double_buffered
+    for seed in range(3):
+        g = randn(n, seed)
+        assert big.compress(g) == low.compress(g)
+    # A bad gradient and an overflow leave the double-buffered state as it was.
+    before = big.state_dict()
+    g = randn(n, 9)
+    g[n - 1] = np.nan
+    with pytest.raises(ic.CompressError, match=r"NaN or infinity"):
+        big.compress(g)
+    g[n - 1] = 0.0
+    state = big.state_dict()
+    state["residual"][5] = 3e38
+    big.load_state_dict(state)
+    g5 = g[5]
+    g[5] = 3e38
+    with pytest.raises(ic.CompressError, match=r"overflow"):
+        big.compress(g)
+    np.testing.assert_array_equal(big.residual[:5], before["residual"][:5])
+    np.testing.assert_array_equal(big.residual[6:], before["residual"][6:])
+    np.testing.assert_array_equal(big.velocity, before["velocity"])
+    assert big.residual[5] == np.float32(3e38) and big.step == before["step"]
+    big.load_state_dict(before)
+    g[5] = g5
+    assert big.compress(g) == low.compress(g)
+    # The residual property is a copy: it stays valid across the buffer swaps.
+    r = big.residual
+    big.compress(g)
+    assert not np.array_equal(r, big.residual)
+    assert not pickle.loads(pickle.dumps(low)).double_buffered
+
+
 # --------------------------------------------------------------------- the GIL
 
 

@@ -61,7 +61,7 @@ struct PyCompressor {
 #[pymethods]
 impl PyCompressor {
     #[new]
-    #[pyo3(signature = (numel, density, threshold, target_bytes, adaptive, exact, quant, momentum, nesterov, seed))]
+    #[pyo3(signature = (numel, density, threshold, target_bytes, adaptive, exact, quant, momentum, nesterov, seed, low_memory=false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -75,6 +75,7 @@ impl PyCompressor {
         momentum: f32,
         nesterov: bool,
         seed: u64,
+        low_memory: bool,
     ) -> PyResult<Self> {
         let quant =
             Quant::from_name(quant).ok_or_else(|| PyValueError::new_err("unknown quantiser"))?;
@@ -84,7 +85,10 @@ impl PyCompressor {
             momentum: Momentum::new(momentum, nesterov),
             seed,
         };
-        let inner = OwnedCompressor::new(config, numel).map_err(|e| to_py(py, e))?;
+        let mut inner = OwnedCompressor::new(config, numel).map_err(|e| to_py(py, e))?;
+        if low_memory {
+            inner.set_double_buffering(false);
+        }
         let out = vec![0u8; inner.max_message_len()];
         Ok(PyCompressor {
             inner,
@@ -147,6 +151,14 @@ impl PyCompressor {
         self.inner.set_threads(threads);
     }
 
+    /// Whether the state is double-buffered (a spare residual and velocity).
+    #[getter]
+    fn double_buffered(&self) -> bool {
+        self.inner.double_buffering()
+    }
+
+    /// A copy: the owned buffers are swapped with their spares after each message, so no
+    /// view of them is ever handed out.
     #[getter]
     fn residual<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f32>> {
         PyArray1::from_slice(py, self.inner.residual())

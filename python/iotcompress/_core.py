@@ -158,6 +158,13 @@ class Compressor:
     gradients (a few million elements and up) over that many cores; the messages do not
     depend on it. A compressor may be shared between Python threads; their calls take turns.
 
+    Memory: gradients of at least 2**23 (8,388,608) elements are double-buffered, each step writes the
+    new residual (and velocity) into a second buffer and keeps it only when every value is
+    finite. That reads the gradient once instead of twice (a non-finite gradient is caught by
+    the accumulation itself) at the cost of twice the state's memory: 2 x 4 bytes per element,
+    4 x with momentum. ``low_memory=True`` turns it off (the state is updated in place after
+    a finiteness check of the gradient; messages are identical either way).
+
     Example::
 
         import numpy as np, iotcompress as ic
@@ -167,7 +174,7 @@ class Compressor:
         ic.decode_add(msg, total)
     """
 
-    __slots__ = ("_ext", "_numel", "_options", "_lock")
+    __slots__ = ("_ext", "_numel", "_options", "_lock", "_low_memory")
 
 
 
@@ -187,6 +194,7 @@ class Compressor:
         threads: int = 1,
         network: Optional[NetworkProfile] = None,
         budget_ms: Optional[float] = None,
+        low_memory: bool = False,
     ) -> None:
         if isinstance(numel, bool) or not isinstance(numel, (int, np.integer)):
             raise TypeError(f"numel must be an int, got {type(numel).__name__}")
@@ -204,7 +212,10 @@ class Compressor:
         self._options = dict(
             **selection, quant=quant, momentum=float(momentum), nesterov=bool(nesterov), seed=int(seed),
         )
-        self._ext = _ext.Compressor(self._numel, **self._options)
+        if not isinstance(low_memory, (bool, np.bool_)):
+            raise TypeError(f"low_memory must be a bool, got {type(low_memory).__name__}")
+        self._low_memory = bool(low_memory)
+        self._ext = _ext.Compressor(self._numel, **self._options, low_memory=self._low_memory)
         self.threads = threads
         # Calls from several threads take turns (the extension releases the GIL while working).
         self._lock = threading.Lock()
@@ -292,6 +303,12 @@ class Compressor:
     def numel(self) -> int:
         """Elements per gradient."""
         return self._numel
+
+    @property
+    def double_buffered(self) -> bool:
+        """Whether the state is double-buffered: True from 2**23 elements unless the
+        compressor was made with ``low_memory=True``."""
+        return self._ext.double_buffered
 
     @property
     def options(self) -> Dict[str, Any]:
@@ -393,10 +410,10 @@ class Compressor:
         return f"Compressor({self._numel}, {opts})"
 
     def __getstate__(self) -> Dict[str, Any]:
-        return self.state_dict()
+        return dict(self.state_dict(), low_memory=self._low_memory)
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
-        Compressor.__init__(self, state["numel"], **state["options"])
+        Compressor.__init__(self, state["numel"], **state["options"], low_memory=state.get("low_memory", False))
         self.load_state_dict(state)
 
 

@@ -6,7 +6,7 @@
 
 use crate::feedback::{accumulate_one, Momentum};
 use crate::float::{abs, ceil_usize, mag_bits};
-use crate::kernels::{prefetch, Passes};
+use crate::kernels::{prefetch, Passes, Update};
 use crate::quant::{Quant, Quantizer, ValueStats};
 use crate::rng::{self, Purpose};
 use crate::select::{
@@ -73,6 +73,24 @@ pub struct Buffers<'a> {
     pub velocity: &'a mut [f32],
     /// Working space of at least [`Compressor::scratch_len`] words; contents do not matter.
     pub scratch: &'a mut [u32],
+    /// Double buffering (optional): where the new state is written, so that the old one
+    /// stays intact until every new value is known to be finite. Saves the gradient's
+    /// finiteness pre-check, a whole read of it (see [`Spare`]); `None` updates the state
+    /// in place, with the pre-check.
+    pub spare: Option<Spare<'a>>,
+}
+
+/// The second residual and velocity of double buffering ([`Buffers::spare`]). A call that
+/// succeeds leaves the new state here and says so ([`StepInfo::swapped`]): the caller swaps
+/// these buffers with [`Buffers::residual`] and [`Buffers::velocity`] before the next call.
+/// Contents on entry do not matter; after an error they are garbage and the state (in
+/// `residual` and `velocity`) is unchanged.
+#[derive(Debug)]
+pub struct Spare<'a> {
+    /// `numel` elements.
+    pub residual: &'a mut [f32],
+    /// As [`Buffers::velocity`]: `numel` elements when momentum is on.
+    pub velocity: &'a mut [f32],
 }
 
 /// What the last call to [`Compressor::compress`] did.
@@ -82,6 +100,80 @@ pub struct StepInfo {
     pub bytes: usize,
     /// Entries sent.
     pub nnz: usize,
+    /// The new state is in [`Buffers::spare`] (always, when one was given): swap it with the
+    /// residual and velocity.
+    pub swapped: bool,
+}
+
+/// From this many elements (16 MiB per tensor) the accumulation into a spare bypasses the
+/// caches: the tensors no longer fit in them, and the new state costs no read for ownership.
+/// Below, plain stores leave it in the caches for the rest of the call and the next one.
+const STREAM_MIN: usize = 1 << 22;
+
+/// The residual and velocity of one call: the old state until the accumulation, then the
+/// new one, in place or in the spare.
+struct State<'a> {
+    r: &'a mut [f32],
+    u: &'a mut [f32],
+    spare: Option<Spare<'a>>,
+    /// The accumulation succeeded into `spare`: it holds the state now.
+    moved: bool,
+}
+
+impl State<'_> {
+    /// The residual and velocity now: before the accumulation the old state, after it `v`
+    /// and the new velocity.
+    fn now(&self) -> (&[f32], &[f32]) {
+        match &self.spare {
+            Some(s) if self.moved => (s.residual, s.velocity),
+            _ => (self.r, self.u),
+        }
+    }
+
+    /// As [`State::now`], writable.
+    fn now_mut(&mut self) -> (&mut [f32], &mut [f32]) {
+        match &mut self.spare {
+            Some(s) if self.moved => (s.residual, s.velocity),
+            _ => (self.r, self.u),
+        }
+    }
+
+    /// In place, a NaN would be in the state before the accumulation could see it: look
+    /// first. Into a spare, the accumulation's own check suffices.
+    fn check_finite(&self, passes: Passes, g: &[f32]) -> Result<(), Error> {
+        if self.spare.is_none() && !passes.all_finite(g) {
+            return Err(Error::NonFiniteGradient);
+        }
+        Ok(())
+    }
+
+    /// The accumulation pass (see [`Passes::accumulate`]): from the old state into the spare
+    /// if there is one (the old state stays as it was on error), else in place.
+    fn accumulate(
+        &mut self,
+        passes: Passes,
+        rule: Momentum,
+        g: &[f32],
+        gather_at: Option<u32>,
+        list: &mut [u32],
+    ) -> Result<usize, Error> {
+        let upd = match &mut self.spare {
+            Some(s) => Update::Into {
+                r: self.r,
+                u: self.u,
+                r_new: s.residual,
+                u_new: s.velocity,
+                stream: g.len() >= STREAM_MIN,
+            },
+            None => Update::InPlace {
+                r: self.r,
+                u: self.u,
+            },
+        };
+        let count = passes.accumulate(rule, upd, g, gather_at, list)?;
+        self.moved = self.spare.is_some();
+        Ok(count)
+    }
 }
 
 /// A compressor for one tensor of `numel` float32 elements.
@@ -198,7 +290,11 @@ impl Compressor {
 
     /// Compresses one gradient into `out` and updates the state; returns the message length.
     ///
-    /// On [`Error::NonFiniteGradient`] and on length errors the state is unchanged.
+    /// On [`Error::NonFiniteGradient`] (the gradient holds NaN or infinity) and on length
+    /// errors the state is unchanged. [`Error::Overflow`] (a finite gradient whose sum with
+    /// the state overflows f32) leaves it unchanged too with a [`Buffers::spare`]; without
+    /// one the residual then holds infinities. With a spare, every error leaves the state
+    /// unchanged and the new state of a success is in the spare ([`StepInfo::swapped`]).
     pub fn compress(
         &mut self,
         bufs: Buffers<'_>,
@@ -206,14 +302,7 @@ impl Compressor {
         out: &mut [u8],
     ) -> Result<StepInfo, Error> {
         let n = self.numel;
-        let Buffers {
-            residual,
-            velocity,
-            scratch,
-        } = bufs;
-        if grad.len() != n || residual.len() != n || velocity.len() < self.velocity_len() {
-            return Err(Error::LengthMismatch);
-        }
+        let (mut state, scratch) = self.state(bufs, grad)?;
         if out.len() < self.max_message_len() {
             return Err(Error::BufferTooSmall);
         }
@@ -221,16 +310,19 @@ impl Compressor {
             return Err(Error::ScratchTooSmall);
         }
         let passes = Passes::new(self.threads);
-        if !passes.all_finite(grad) {
-            return Err(Error::NonFiniteGradient);
-        }
-        let velocity = &mut velocity[..self.velocity_len()];
+        state.check_finite(passes, grad)?;
         let cfg = self.config;
-        let (picked, target, crossed) = self.select(passes, residual, velocity, grad, scratch)?;
+        let (picked, target, crossed) = self.select(passes, &mut state, grad, scratch)?;
+        let swapped = state.moved;
+        let (residual, velocity) = state.now_mut();
         if let Picked::All = picked {
-            if let Some(info) = self.emit_dense(passes, residual, velocity, out)? {
+            if let Some(bytes) = self.emit_dense(passes, residual, velocity, out)? {
                 self.step += 1;
-                return Ok(info);
+                return Ok(StepInfo {
+                    bytes,
+                    nnz: n,
+                    swapped,
+                });
             }
         }
 
@@ -321,49 +413,72 @@ impl Compressor {
             }
         }
         self.step += 1;
-        Ok(StepInfo { bytes: total, nnz })
+        Ok(StepInfo {
+            bytes: total,
+            nnz,
+            swapped,
+        })
     }
 
     /// Adds one gradient into the residual (with the momentum rule, as [`Compressor::compress`]
     /// does) without selecting or sending anything: a round this device skips. Nothing is
     /// lost, the next [`Compressor::compress`] sends from the sum. The message counter
-    /// [`Compressor::step`] does not move (no message was made).
+    /// [`Compressor::step`] does not move (no message was made). With a spare (see
+    /// [`Buffers::spare`]) the new state is written there and `true` says so: swap them.
     ///
-    /// On [`Error::NonFiniteGradient`] and on length errors the state is unchanged.
-    pub fn accumulate(&mut self, bufs: Buffers<'_>, grad: &[f32]) -> Result<(), Error> {
+    /// Errors are those of [`Compressor::compress`], with the same guarantees for the state.
+    pub fn accumulate(&mut self, bufs: Buffers<'_>, grad: &[f32]) -> Result<bool, Error> {
+        let (mut state, _) = self.state(bufs, grad)?;
+        let passes = Passes::new(self.threads);
+        state.check_finite(passes, grad)?;
+        state.accumulate(passes, self.config.momentum, grad, None, &mut [])?;
+        Ok(state.moved)
+    }
+
+    /// The lent buffers as this call's [`State`] (and the scratch), lengths checked.
+    fn state<'a>(
+        &self,
+        bufs: Buffers<'a>,
+        grad: &[f32],
+    ) -> Result<(State<'a>, &'a mut [u32]), Error> {
         let n = self.numel;
         let Buffers {
-            residual, velocity, ..
-        } = bufs;
-        if grad.len() != n || residual.len() != n || velocity.len() < self.velocity_len() {
-            return Err(Error::LengthMismatch);
-        }
-        let passes = Passes::new(self.threads);
-        if !passes.all_finite(grad) {
-            return Err(Error::NonFiniteGradient);
-        }
-        let velocity = &mut velocity[..self.velocity_len()];
-        passes.accumulate(
-            self.config.momentum,
             residual,
             velocity,
-            grad,
-            None,
-            &mut [],
-        )?;
-        Ok(())
+            scratch,
+            spare,
+        } = bufs;
+        let vn = self.velocity_len();
+        if grad.len() != n || residual.len() != n || velocity.len() < vn {
+            return Err(Error::LengthMismatch);
+        }
+        if let Some(s) = &spare {
+            if s.residual.len() != n || s.velocity.len() < vn {
+                return Err(Error::LengthMismatch);
+            }
+        }
+        let state = State {
+            r: residual,
+            u: &mut velocity[..vn],
+            spare: spare.map(|s| Spare {
+                residual: s.residual,
+                velocity: &mut s.velocity[..vn],
+            }),
+            moved: false,
+        };
+        Ok((state, scratch))
     }
 
     /// Every entry, byte-aligned codes: one monomorphic pass writes the codes and leaves the
     /// quantisation error in the residual (the general path below makes two generic passes).
-    /// `None` for the quantisers it does not cover.
+    /// The message length; `None` for the quantisers it does not cover.
     fn emit_dense(
         &self,
         passes: Passes,
         r: &mut [f32],
         u: &mut [f32],
         out: &mut [u8],
-    ) -> Result<Option<StepInfo>, Error> {
+    ) -> Result<Option<usize>, Error> {
         let quant = self.config.quant;
         if !matches!(quant, Quant::F32 | Quant::F16 | Quant::Bf16 | Quant::Int8) {
             return Ok(None);
@@ -397,10 +512,7 @@ impl Compressor {
         u.fill(0.0);
         let crc = crc32c(&out[..total - CHECKSUM_LEN]);
         out[total - CHECKSUM_LEN..total].copy_from_slice(&crc.to_le_bytes());
-        Ok(Some(StepInfo {
-            bytes: total,
-            nnz: n,
-        }))
+        Ok(Some(total))
     }
 
     /// Accumulates the gradient into the residual and picks the entries to send.
@@ -409,8 +521,7 @@ impl Compressor {
     fn select(
         &mut self,
         passes: Passes,
-        r: &mut [f32],
-        u: &mut [f32],
+        st: &mut State<'_>,
         g: &[f32],
         scratch: &mut [u32],
     ) -> Result<(Picked, usize, Option<usize>), Error> {
@@ -418,15 +529,15 @@ impl Compressor {
         let m = self.config.momentum;
         match self.config.selection {
             Selection::Dense => {
-                passes.accumulate(m, r, u, g, None, &mut [])?;
+                st.accumulate(passes, m, g, None, &mut [])?;
                 Ok((Picked::All, n, None))
             }
             Selection::Threshold(wt) => {
-                Ok((self.threshold_pick(passes, r, u, g, scratch, wt)?, n, None))
+                Ok((self.threshold_pick(passes, st, g, scratch, wt)?, n, None))
             }
             Selection::TopK { density, exact } => {
                 let k = k_for_density(density, n);
-                Ok((self.top_k(passes, r, u, g, scratch, k, exact)?, k, None))
+                Ok((self.top_k(passes, st, g, scratch, k, exact)?, k, None))
             }
             Selection::Adaptive(target) => {
                 let quant = self.config.quant;
@@ -439,19 +550,19 @@ impl Compressor {
                 k = k.min(most);
                 if self.controller.threshold > 0.0 {
                     let wt = self.controller.threshold;
-                    let picked = self.threshold_pick(passes, r, u, g, scratch, wt)?;
+                    let picked = self.threshold_pick(passes, st, g, scratch, wt)?;
                     let crossed = match picked {
                         Picked::List { len, .. } => len,
                         Picked::Scan { limit, .. } => limit,
                         Picked::All => n,
                     };
-                    let picked = keep_largest(passes, picked, r, scratch, most);
+                    let picked = keep_largest(passes, picked, st.now().0, scratch, most);
                     Ok((picked, k, Some(crossed)))
                 } else if k == 0 {
-                    passes.accumulate(m, r, u, g, None, &mut [])?;
+                    st.accumulate(passes, m, g, None, &mut [])?;
                     Ok((Picked::List { start: 0, len: 0 }, 0, None))
                 } else {
-                    Ok((self.top_k(passes, r, u, g, scratch, k, false)?, k, None))
+                    Ok((self.top_k(passes, st, g, scratch, k, false)?, k, None))
                 }
             }
         }
@@ -460,16 +571,20 @@ impl Compressor {
     fn threshold_pick(
         &self,
         passes: Passes,
-        r: &mut [f32],
-        u: &mut [f32],
+        st: &mut State<'_>,
         g: &[f32],
         scratch: &mut [u32],
         wt: f32,
     ) -> Result<Picked, Error> {
         let t = mag_bits(wt);
         let cap = threshold_list_cap(self.numel).min(scratch.len());
-        let count =
-            passes.accumulate(self.config.momentum, r, u, g, Some(t), &mut scratch[..cap])?;
+        let count = st.accumulate(
+            passes,
+            self.config.momentum,
+            g,
+            Some(t),
+            &mut scratch[..cap],
+        )?;
         Ok(if count <= cap {
             Picked::List {
                 start: 0,
@@ -485,12 +600,10 @@ impl Compressor {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn top_k(
         &self,
         passes: Passes,
-        r: &mut [f32],
-        u: &mut [f32],
+        st: &mut State<'_>,
         g: &[f32],
         scratch: &mut [u32],
         k: usize,
@@ -500,12 +613,12 @@ impl Compressor {
         let m = self.config.momentum;
         let plan = SamplePlan::new(n, k);
         if k == 0 {
-            passes.accumulate(m, r, u, g, None, &mut [])?;
+            st.accumulate(passes, m, g, None, &mut [])?;
             return Ok(Picked::List { start: 0, len: 0 });
         }
         if plan.exact {
-            passes.accumulate(m, r, u, g, None, &mut [])?;
-            return Ok(exact_top_k(passes, r, &mut scratch[..n], k));
+            st.accumulate(passes, m, g, None, &mut [])?;
+            return Ok(exact_top_k(passes, st.now().0, &mut scratch[..n], k));
         }
 
         // DGC sampled threshold: sample v on the fly (before the state changes), so the
@@ -530,8 +643,7 @@ impl Compressor {
             let span = if j == last { n - j * width } else { width } - RUN + 1;
             j * width + rng::below(stream, j as u32, span as u32) as usize
         };
-        let r_read: &[f32] = r;
-        let u_read: &[f32] = u;
+        let (r_read, u_read) = st.now();
         let fill = |offset: usize, part: &mut [u32]| {
             let (r, u) = (r_read, u_read);
             for (j, run) in (offset / RUN..).zip(part.chunks_mut(RUN)) {
@@ -556,8 +668,10 @@ impl Compressor {
             (1.2 * k as f64, ceil_usize(0.8 * k as f64))
         };
         let mut t = kth_largest(sample, plan.hits_for(n, aim)).0.max(1);
-        let mut count = passes.accumulate(m, r, u, g, Some(t), list)?;
-        // Re-estimate a few times if the sample misled us (r now holds v: read-only passes).
+        let mut count = st.accumulate(passes, m, g, Some(t), list)?;
+        // From here on `r` holds v: the re-estimates are read-only passes.
+        let r = st.now().0;
+        // Re-estimate a few times if the sample misled us.
         for _ in 0..4 {
             let low = count < enough;
             if count > plan.cap {

@@ -26,7 +26,7 @@
 //! let (mut residual, mut scratch) = (vec![0.0f32; n], vec![0u32; c.scratch_len()]);
 //! let mut msg = vec![0u8; c.max_message_len()];
 //! let grad: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
-//! let bufs = Buffers { residual: &mut residual, velocity: &mut [], scratch: &mut scratch };
+//! let bufs = Buffers { residual: &mut residual, velocity: &mut [], scratch: &mut scratch, spare: None };
 //! let info = c.compress(bufs, &grad, &mut msg).unwrap();
 //! assert_eq!(info.nnz, 10);
 //!
@@ -56,13 +56,13 @@ pub mod select;
 pub mod stream;
 pub mod wire;
 
-pub use compress::{Buffers, Compressor, Config, StepInfo};
+pub use compress::{Buffers, Compressor, Config, Spare, StepInfo};
 pub use error::Error;
 pub use feedback::Momentum;
 pub use float::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
 pub use network::NetworkProfile;
 #[cfg(feature = "alloc")]
-pub use owned::{decode_to_vec, OwnedCompressor};
+pub use owned::{decode_to_vec, OwnedCompressor, DOUBLE_BUFFER_MIN};
 pub use quant::Quant;
 pub use select::{k_for_density, Selection, Target, ThresholdController};
 pub use stream::{

@@ -523,3 +523,50 @@ fn accumulate_rejects_bad_gradients_without_touching_the_state() {
         (before.residual(), before.velocity(), before.core())
     );
 }
+
+/// `accumulate` into a spare (double buffering) gives the state the in-place path gives, and
+/// a bad gradient or an overflow leaves the double-buffered state as it was.
+#[test]
+fn accumulate_double_buffered_equals_in_place() {
+    use iotcompress_core::Error;
+    let n = 1000;
+    let mut rng = TestRng(31);
+    for momentum in momenta() {
+        let cfg = config(Selection::Threshold(1.0), Quant::Int8, momentum, 2);
+        let (mut a, mut b) = (compressor(cfg, n), compressor(cfg, n));
+        a.set_double_buffering(true);
+        b.set_double_buffering(false);
+        for step in 0..6 {
+            let g = rng.normals(n, 1.0);
+            if step % 2 == 0 {
+                a.accumulate(&g).unwrap();
+                b.accumulate(&g).unwrap();
+            } else {
+                assert_eq!(
+                    a.compress_to_vec(&g).unwrap(),
+                    b.compress_to_vec(&g).unwrap()
+                );
+            }
+            assert_eq!((a.residual(), a.velocity()), (b.residual(), b.velocity()));
+        }
+        let mut g = rng.normals(n, 1.0);
+        g[7] = f32::NAN;
+        let before = (a.residual().to_vec(), a.velocity().to_vec());
+        assert_eq!(a.accumulate(&g), Err(Error::NonFiniteGradient));
+        assert_eq!((a.residual(), a.velocity()), (&before.0[..], &before.1[..]));
+        // Finite gradients whose sum overflows: refused, the state as it was.
+        let huge = vec![f32::MAX; n];
+        let overflowed = (0..3).any(|_| {
+            let before = (a.residual().to_vec(), a.velocity().to_vec());
+            match a.accumulate(&huge) {
+                Ok(()) => false,
+                Err(e) => {
+                    assert_eq!(e, Error::Overflow);
+                    assert_eq!((a.residual(), a.velocity()), (&before.0[..], &before.1[..]));
+                    true
+                }
+            }
+        });
+        assert!(overflowed);
+    }
+}

@@ -7,8 +7,10 @@
 mod common;
 
 use common::*;
-use iotcompress_core::kernels::{self, parallel, Accumulated, Level};
-use iotcompress_core::{Buffers, Compressor, Config, Momentum, Quant, Selection, Target};
+use iotcompress_core::kernels::{self, parallel, Accumulated, Level, Update};
+use iotcompress_core::{
+    Buffers, Compressor, Config, Error, Momentum, OwnedCompressor, Quant, Selection, Spare, Target,
+};
 use proptest::prelude::*;
 
 /// Values that stress the kernels: ordinary magnitudes, signed zeros, subnormals, values
@@ -71,8 +73,53 @@ fn run_accumulate(
 ) -> Run {
     let (mut r, mut u) = (r.to_vec(), u.to_vec());
     let mut list = vec![u32::MAX; cap];
-    let a = kernels::accumulate(level, rule, &mut r, &mut u, g, at, &mut list, base);
+    let upd = Update::InPlace {
+        r: &mut r,
+        u: &mut u,
+    };
+    let a = kernels::accumulate(level, rule, upd, g, at, &mut list, base);
     (a, bits(&r), bits(&u), list)
+}
+
+/// Out-of-place buffers starting `offset` floats into a fresh allocation (every 32-byte
+/// alignment, so the AVX2 kernel's scalar head takes 0 to 7 elements), filled with garbage.
+fn spare(n: usize, offset: usize) -> Vec<f32> {
+    vec![f32::from_bits(0x7fa5_a5a5); n + offset]
+}
+
+/// As [`run_accumulate`], out of place into buffers at the given offsets (`threads` > 1:
+/// the threaded pass); checks that the old state is untouched.
+fn run_into(
+    level: Level,
+    threads: usize,
+    rule: Momentum,
+    r: &[f32],
+    u: &[f32],
+    g: &[f32],
+    at: Option<u32>,
+    cap: usize,
+    offsets: (usize, usize),
+) -> Run {
+    let (old_r, old_u) = (bits(r), bits(u));
+    let (mut rn, mut un) = (spare(r.len(), offsets.0), spare(u.len(), offsets.1));
+    let (r_new, u_new) = (&mut rn[offsets.0..], &mut un[offsets.1..]);
+    let mut list = vec![u32::MAX; cap];
+    // Streaming (non-temporal stores) and plain: the same bits.
+    let stream = offsets.0 & 1 == 0;
+    let upd = Update::Into {
+        r,
+        u,
+        r_new,
+        u_new,
+        stream,
+    };
+    let a = if threads == 1 {
+        kernels::accumulate(level, rule, upd, g, at, &mut list, 0)
+    } else {
+        parallel::accumulate_par(level, threads, rule, upd, g, at, &mut list)
+    };
+    assert_eq!((bits(r), bits(u)), (old_r, old_u), "the old state changed");
+    (a, bits(&rn[offsets.0..]), bits(&un[offsets.1..]), list)
 }
 
 proptest! {
@@ -100,6 +147,37 @@ proptest! {
                 let got = run_accumulate(level, rule, &r, &u, &g, at, cap, base);
                 prop_assert_eq!(&got, &want, "{:?}", level);
             }
+        }
+    }
+
+    /// Out of place (double buffering): the in-place scalar result, in the new buffers, at
+    /// every alignment of them, with the old state untouched; scalar included.
+    #[test]
+    fn accumulate_into_matches_scalar(
+        g in prop::collection::vec(value(), 0..300),
+        seed in any::<u64>(),
+        rule in rule(),
+        at in prop_oneof![Just(None), Just(Some(0u32)), Just(Some(0x3f00_0000u32)), (0u32..0x7f80_0000).prop_map(Some)],
+        cap in 0usize..64,
+        base in any::<u32>(),
+        offsets in (0usize..8, 0usize..8),
+        stream in any::<bool>(),
+        r_start in 0usize..8,
+    ) {
+        let n = g.len();
+        let mut rng = TestRng(seed | 1);
+        // The old state at an arbitrary offset too (its loads are unaligned).
+        let r: Vec<f32> = (0..n + r_start).map(|i| if i % 7 == 0 && n > 0 { g[(i * 3) % n] } else { rng.normal() }).collect();
+        let r = &r[r_start..];
+        let u: Vec<f32> = if rule == Momentum::None { vec![] } else { rng.normals(n, 0.5) };
+        let want = run_accumulate(Level::Scalar, rule, r, &u, &g, at, cap, base);
+        for level in Level::all_supported() {
+            let (mut rn, mut un) = (spare(n, offsets.0), spare(u.len(), offsets.1));
+            let mut list = vec![u32::MAX; cap];
+            let upd = Update::Into { r, u: &u, r_new: &mut rn[offsets.0..], u_new: &mut un[offsets.1..], stream };
+            let a = kernels::accumulate(level, rule, upd, &g, at, &mut list, base);
+            let got = (a, bits(&rn[offsets.0..]), bits(&un[offsets.1..]), list);
+            prop_assert_eq!(&got, &want, "{:?} {:?}", level, offsets);
         }
     }
 
@@ -200,26 +278,24 @@ proptest! {
         rule in prop::sample::select(momenta().to_vec()),
     ) {
         let config = Config { quant, momentum: rule, seed: 5, ..Config::new(selection) };
-        let run = |simd: bool| {
+        // Double-buffered or not: the same messages and state.
+        let run = |simd: bool, double: bool| {
             kernels::set_simd(simd);
-            let mut c = Compressor::new(config, g.len()).unwrap();
-            let mut r = vec![0.0f32; g.len()];
-            let mut u = vec![0.0f32; c.velocity_len()];
-            let mut s = vec![0u32; c.scratch_len()];
-            let mut out = vec![0u8; c.max_message_len()];
+            let mut c = OwnedCompressor::new(config, g.len()).unwrap();
+            c.set_double_buffering(double);
             let mut msgs = Vec::new();
             for step in 0..3 {
                 let grad: Vec<f32> = g.iter().map(|v| v * (step + 1) as f32 * 0.5).collect();
-                let bufs = Buffers { residual: &mut r, velocity: &mut u, scratch: &mut s };
-                let res = c.compress(bufs, &grad, &mut out).map(|i| out[..i.bytes].to_vec());
-                msgs.push(res);
+                msgs.push(c.compress_to_vec(&grad));
             }
-            (msgs, bits(&r), bits(&u))
+            (msgs, bits(c.residual()), bits(c.velocity()))
         };
-        let with = run(true);
-        let without = run(false);
-        kernels::set_simd(true);
-        prop_assert_eq!(with, without);
+        let want = run(false, false);
+        for (simd, double) in [(true, false), (true, true), (false, true)] {
+            let got = run(simd, double);
+            kernels::set_simd(true);
+            prop_assert_eq!(&got, &want, "simd {} double {}", simd, double);
+        }
     }
 }
 
@@ -256,32 +332,28 @@ fn threads_give_the_same_messages() {
                     seed: 9,
                     ..Config::new(selection)
                 };
-                let run = |threads: usize| {
-                    let mut c = Compressor::new(config, n).unwrap();
+                // In place (the caller's buffers) or double-buffered (the owned compressor
+                // swapping its spare in).
+                let run = |threads: usize, double: bool| {
+                    let mut c = OwnedCompressor::new(config, n).unwrap();
                     c.set_threads(threads);
-                    let mut r = vec![0.0f32; n];
-                    let mut u = vec![0.0f32; c.velocity_len()];
-                    let mut s = vec![0u32; c.scratch_len()];
-                    let mut out = vec![0u8; c.max_message_len()];
+                    c.set_double_buffering(double);
                     let mut msgs = Vec::new();
                     for step in 0..3 {
                         let g = bunched_gradient(n, 100 + step);
-                        let bufs = Buffers {
-                            residual: &mut r,
-                            velocity: &mut u,
-                            scratch: &mut s,
-                        };
-                        let info = c.compress(bufs, &g, &mut out).unwrap();
-                        msgs.push(out[..info.bytes].to_vec());
+                        msgs.push(c.compress_to_vec(&g).unwrap());
                     }
-                    (msgs, bits(&r), bits(&u), c)
+                    let (r, u) = (bits(c.residual()), bits(c.velocity()));
+                    (msgs, r, u, c.core().controller)
                 };
-                let one = run(1);
-                for threads in [2, 3, 4] {
-                    let (msgs, r, u, c) = run(threads);
-                    assert_eq!(msgs, one.0, "{selection:?} {rule:?} {quant:?} x{threads}");
-                    assert_eq!((r, u), (one.1.clone(), one.2.clone()));
-                    assert_eq!(c.controller, one.3.controller);
+                let one = run(1, false);
+                for (threads, double) in [(1, true), (2, false), (2, true), (3, true), (4, false)] {
+                    let (msgs, r, u, controller) = run(threads, double);
+                    let case =
+                        format!("{selection:?} {rule:?} {quant:?} x{threads} double {double}");
+                    assert_eq!(msgs, one.0, "{case}");
+                    assert_eq!((r, u), (one.1.clone(), one.2.clone()), "{case}");
+                    assert_eq!(controller, one.3, "{case}");
                 }
             }
         }
@@ -308,12 +380,15 @@ fn threaded_kernels_match_one_thread_when_a_share_overflows() {
             for threads in [2, 4] {
                 let mut r = vec![0.0f32; n];
                 let mut list = vec![u32::MAX; cap];
+                let upd = Update::InPlace {
+                    r: &mut r,
+                    u: &mut [],
+                };
                 let a = parallel::accumulate_par(
                     level,
                     threads,
                     Momentum::None,
-                    &mut r,
-                    &mut [],
+                    upd,
                     &g,
                     Some(at),
                     &mut list,
@@ -323,11 +398,161 @@ fn threaded_kernels_match_one_thread_when_a_share_overflows() {
                 if a.count <= cap {
                     assert_eq!(list[..a.count], one.3[..a.count], "cap {cap} x{threads}");
                 }
+                // Out of place: the regather reads the new buffer.
+                let zeros = vec![0.0f32; n];
+                let into = run_into(
+                    level,
+                    threads,
+                    Momentum::None,
+                    &zeros,
+                    &[],
+                    &g,
+                    Some(at),
+                    cap,
+                    (3, 0),
+                );
+                assert_eq!(
+                    (into.0, &into.1),
+                    (one.0, &one.1),
+                    "into, cap {cap} x{threads}"
+                );
+                if a.count <= cap {
+                    assert_eq!(
+                        into.3[..a.count],
+                        one.3[..a.count],
+                        "into, cap {cap} x{threads}"
+                    );
+                }
                 let max = parallel::max_mag_par(level, threads, &g);
                 assert_eq!(max, kernels::scalar::max_mag(&g));
             }
         }
     }
+}
+
+/// The threaded out-of-place pass, every rule and thread count 1..4, parts of every
+/// alignment, NaN and infinity included: the one-thread in-place scalar result.
+#[test]
+fn threaded_accumulate_into_matches_scalar() {
+    let n = 3 * parallel::MIN_PER_THREAD + 1001;
+    let mut rng = TestRng(77);
+    let mut g = bunched_gradient(n, 5);
+    let r = rng.normals(n, 1e-2);
+    for rule in momenta() {
+        let u = if rule == Momentum::None {
+            vec![]
+        } else {
+            rng.normals(n, 1e-3)
+        };
+        for bad in [None, Some(f32::NAN), Some(f32::INFINITY)] {
+            if let Some(b) = bad {
+                g[n - 5] = b;
+            }
+            let at = Some(0.01f32.to_bits());
+            let want = run_accumulate(Level::Scalar, rule, &r, &u, &g, at, n, 0);
+            for level in Level::all_supported() {
+                for threads in 1..=4 {
+                    for offsets in [(0, 0), (1, 5), (7, 7), (2, 2)] {
+                        let got = run_into(level, threads, rule, &r, &u, &g, at, n, offsets);
+                        let case = format!("{level:?} {rule:?} x{threads} {offsets:?} {bad:?}");
+                        assert_eq!(got.0, want.0, "{case}");
+                        assert_eq!((&got.1, &got.2), (&want.1, &want.2), "{case}");
+                        assert_eq!(got.3[..got.0.count], want.3[..want.0.count], "{case}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Double-buffered, a NaN or infinite gradient and an overflowing sum both leave the state
+/// (residual, velocity, step, controller) exactly as it was, at every thread count; the
+/// caller-lent core path reports where the state went.
+#[test]
+fn double_buffering_loses_nothing_on_bad_input() {
+    let n = 2 * parallel::MIN_PER_THREAD + 333;
+    for selection in [
+        Selection::TopK {
+            density: 0.001,
+            exact: false,
+        },
+        Selection::Adaptive(Target::Density(0.01)),
+        Selection::Dense,
+    ] {
+        for rule in momenta() {
+            let config = Config {
+                quant: Quant::Int8,
+                momentum: rule,
+                seed: 3,
+                ..Config::new(selection)
+            };
+            for threads in 1..=3 {
+                // Two steps, then a residual entry close to the overflow edge.
+                let warm = |c: &mut OwnedCompressor| {
+                    let mut rng = TestRng(11);
+                    for _ in 0..2 {
+                        c.compress_to_vec(&rng.normals(n, 1.0)).unwrap();
+                    }
+                    c.residual_mut()[n / 2] = 3e38;
+                    rng
+                };
+                let mut c = OwnedCompressor::new(config, n).unwrap();
+                assert!(!c.double_buffering(), "below DOUBLE_BUFFER_MIN");
+                c.set_double_buffering(true);
+                c.set_threads(threads);
+                let mut rng = warm(&mut c);
+                let before = (bits(c.residual()), bits(c.velocity()), *c.core());
+                let mut g = rng.normals(n, 1.0);
+                for (i, bad, err) in [
+                    (n - 1, f32::NAN, Error::NonFiniteGradient),
+                    (7, f32::NEG_INFINITY, Error::NonFiniteGradient),
+                    (n / 2, 3e38, Error::Overflow),
+                ] {
+                    let keep = g[i];
+                    g[i] = bad;
+                    assert_eq!(c.compress_to_vec(&g), Err(err), "{selection:?} {rule:?}");
+                    let after = (bits(c.residual()), bits(c.velocity()), *c.core());
+                    assert!(after == before, "{selection:?} {rule:?} x{threads} {err:?}");
+                    g[i] = keep;
+                }
+                // And it goes on as if the bad calls had not happened.
+                let mut twin = OwnedCompressor::new(config, n).unwrap();
+                twin.set_double_buffering(false);
+                warm(&mut twin);
+                assert_eq!(c.compress_to_vec(&g), twin.compress_to_vec(&g));
+            }
+        }
+    }
+    // The core API: with a spare the new state is there, and says so.
+    let config = Config::new(Selection::Threshold(0.5));
+    let mut c = Compressor::new(config, 100).unwrap();
+    let (mut r, mut r2, mut s) = (
+        vec![0.0f32; 100],
+        vec![9.0f32; 100],
+        vec![0u32; c.scratch_len()],
+    );
+    let mut out = vec![0u8; c.max_message_len()];
+    let g: Vec<f32> = (0..100).map(|i| i as f32 / 200.0).collect();
+    let spare = Some(Spare {
+        residual: &mut r2,
+        velocity: &mut [],
+    });
+    let bufs = Buffers {
+        residual: &mut r,
+        velocity: &mut [],
+        scratch: &mut s,
+        spare,
+    };
+    let info = c.compress(bufs, &g, &mut out).unwrap();
+    assert!(info.swapped);
+    assert!(r.iter().all(|v| *v == 0.0));
+    assert_eq!(
+        r2[..100],
+        g[..100]
+            .iter()
+            .map(|v| if *v >= 0.5 { 0.0 } else { *v })
+            .collect::<Vec<_>>()[..]
+    );
 }
 
 #[test]

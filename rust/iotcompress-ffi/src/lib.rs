@@ -1275,6 +1275,7 @@ unsafe fn compress_impl(
         residual,
         velocity,
         scratch,
+        spare: None,
     };
     let step = c.compress(bufs, grad, out)?;
     st.store(&c);

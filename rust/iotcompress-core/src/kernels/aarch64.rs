@@ -6,7 +6,7 @@
 
 use core::arch::aarch64::*;
 
-use super::{scalar, with_scalar_tail, Accumulated};
+use super::{scalar, with_scalar_ends, Accumulated, Update};
 use crate::feedback::Momentum;
 
 const LANES: usize = 4;
@@ -19,8 +19,7 @@ const NESTEROV: u8 = 2;
 
 pub fn accumulate(
     rule: Momentum,
-    r: &mut [f32],
-    u: &mut [f32],
+    upd: Update<'_>,
     g: &[f32],
     gather_at: Option<u32>,
     list: &mut [u32],
@@ -28,29 +27,56 @@ pub fn accumulate(
 ) -> Accumulated {
     let m = rule.factor();
     let at = gather_at.unwrap_or(0);
-    let head = |r: &mut [f32], u: &mut [f32], g: &[f32], list: &mut [u32], body: usize| {
-        // SAFETY: NEON is always present on aarch64; `with_scalar_tail` passes `body` no larger than r, g (and u with
-        // momentum), a multiple of BLOCK.
+    let simd = |upd: Update<'_>, g: &[f32], list: &mut [u32], base: u32| {
+        let body = g.len();
+        let p = match upd {
+            Update::InPlace { r, u } => {
+                let (rp, up) = (r.as_mut_ptr(), u.as_mut_ptr());
+                Ptrs {
+                    r: rp,
+                    u: up,
+                    g: g.as_ptr(),
+                    r_new: rp,
+                    u_new: up,
+                }
+            }
+            Update::Into {
+                r, u, r_new, u_new, ..
+            } => Ptrs {
+                r: r.as_ptr(),
+                u: u.as_ptr(),
+                g: g.as_ptr(),
+                r_new: r_new.as_mut_ptr(),
+                u_new: u_new.as_mut_ptr(),
+            },
+        };
+        // SAFETY: NEON is always present on aarch64; `with_scalar_ends` passes a part whose
+        // slices (r, g, r_new, and u, u_new with momentum) all hold `body` elements, a
+        // multiple of BLOCK. Out of place, the old state (shared borrows) and the new
+        // (exclusive borrows) cannot overlap.
         unsafe {
             match (rule, gather_at.is_some()) {
-                (Momentum::None, true) => acc::<NONE, true>(m, r, u, g, body, at, list, base),
-                (Momentum::None, false) => acc::<NONE, false>(m, r, u, g, body, at, list, base),
-                (Momentum::Vanilla(_), true) => {
-                    acc::<VANILLA, true>(m, r, u, g, body, at, list, base)
-                }
-                (Momentum::Vanilla(_), false) => {
-                    acc::<VANILLA, false>(m, r, u, g, body, at, list, base)
-                }
-                (Momentum::Nesterov(_), true) => {
-                    acc::<NESTEROV, true>(m, r, u, g, body, at, list, base)
-                }
+                (Momentum::None, true) => acc::<NONE, true>(m, p, body, at, list, base),
+                (Momentum::None, false) => acc::<NONE, false>(m, p, body, at, list, base),
+                (Momentum::Vanilla(_), true) => acc::<VANILLA, true>(m, p, body, at, list, base),
+                (Momentum::Vanilla(_), false) => acc::<VANILLA, false>(m, p, body, at, list, base),
+                (Momentum::Nesterov(_), true) => acc::<NESTEROV, true>(m, p, body, at, list, base),
                 (Momentum::Nesterov(_), false) => {
-                    acc::<NESTEROV, false>(m, r, u, g, body, at, list, base)
+                    acc::<NESTEROV, false>(m, p, body, at, list, base)
                 }
             }
         }
     };
-    with_scalar_tail(rule, r, u, g, gather_at, list, base, BLOCK, head)
+    with_scalar_ends(rule, upd, g, gather_at, list, base, 0, BLOCK, simd)
+}
+
+/// Where one accumulation body reads and writes (`r == r_new`, `u == u_new` in place).
+struct Ptrs {
+    r: *const f32,
+    u: *const f32,
+    g: *const f32,
+    r_new: *mut f32,
+    u_new: *mut f32,
 }
 
 /// Pushes `base + i + j` for every `mags[j] >= at`, in index order (the scalar kernel's).
@@ -67,22 +93,18 @@ fn push(mags: &[u32; BLOCK], at: u32, i: usize, base: u32, list: &mut [u32], cou
 }
 
 /// # Safety
-/// `r`, `g` (and `u` when `M != NONE`) must hold `body` elements, a multiple of `BLOCK`.
+/// `p.r`, `p.g`, `p.r_new` (and `p.u`, `p.u_new` when `M != NONE`) must be valid for `body`
+/// elements, a multiple of `BLOCK`, the new ones writable and not overlapping the old ones
+/// unless equal.
 #[target_feature(enable = "neon")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn acc<const M: u8, const GATHER: bool>(
     m: f32,
-    r: &mut [f32],
-    u: &mut [f32],
-    g: &[f32],
+    p: Ptrs,
     body: usize,
     at: u32,
     list: &mut [u32],
     base: u32,
 ) -> Accumulated {
-    let rp = r.as_mut_ptr();
-    let up = u.as_mut_ptr();
-    let gp = g.as_ptr();
     let mf = vdupq_n_f32(m);
     let abs = vdupq_n_u32(0x7fff_ffff);
     let atv = vdupq_n_u32(at);
@@ -94,13 +116,13 @@ unsafe fn acc<const M: u8, const GATHER: bool>(
         let mut mags = [vdupq_n_u32(0); 4];
         for (lane, mag_out) in mags.iter_mut().enumerate() {
             let o = i + lane * LANES;
-            // SAFETY: o + LANES <= body, in bounds of every slice used (see # Safety).
-            let (rv, gv) = unsafe { (vld1q_f32(rp.add(o)), vld1q_f32(gp.add(o))) };
+            // SAFETY: o + LANES <= body, in bounds of every pointer used (see # Safety).
+            let (rv, gv) = unsafe { (vld1q_f32(p.r.add(o)), vld1q_f32(p.g.add(o))) };
             let v = if M == NONE {
                 vaddq_f32(rv, gv)
             } else {
                 // SAFETY: as above; u has `body` elements when M != NONE.
-                let uv = unsafe { vld1q_f32(up.add(o)) };
+                let uv = unsafe { vld1q_f32(p.u.add(o)) };
                 let (v, un) = if M == VANILLA {
                     let un = vaddq_f32(vmulq_f32(mf, uv), gv);
                     (vaddq_f32(rv, un), un)
@@ -109,12 +131,12 @@ unsafe fn acc<const M: u8, const GATHER: bool>(
                     (vaddq_f32(vaddq_f32(rv, un), gv), un)
                 };
                 // SAFETY: as above.
-                unsafe { vst1q_f32(up.add(o), un) };
+                unsafe { vst1q_f32(p.u_new.add(o), un) };
                 max = vmaxq_u32(max, vandq_u32(vreinterpretq_u32_f32(un), abs));
                 v
             };
             // SAFETY: as above.
-            unsafe { vst1q_f32(rp.add(o), v) };
+            unsafe { vst1q_f32(p.r_new.add(o), v) };
             let mag = vandq_u32(vreinterpretq_u32_f32(v), abs);
             max = vmaxq_u32(max, mag);
             if GATHER {

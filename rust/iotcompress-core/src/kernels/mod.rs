@@ -189,45 +189,189 @@ fn sse42() -> bool {
     cfg!(target_feature = "sse4.2")
 }
 
-/// The shape every SIMD accumulation shares: `head(r, u, g, list, body)` runs the SIMD body
-/// over the first `body` elements (a multiple of `block`), the scalar kernel runs the tail, and
-/// the two results are joined as one pass would have made them.
+/// The state an accumulation reads and where it writes the new state.
+#[derive(Debug)]
+pub enum Update<'a> {
+    /// `r` (and `u`) are overwritten with `v` (and the new velocity).
+    InPlace {
+        /// Residual, becomes `v`.
+        r: &'a mut [f32],
+        /// Velocity (may be empty without momentum), becomes the new velocity.
+        u: &'a mut [f32],
+    },
+    /// `r` and `u` are only read (they stay the old state); `v` and the new velocity go to
+    /// `r_new` and `u_new`.
+    Into {
+        /// Old residual.
+        r: &'a [f32],
+        /// Old velocity (may be empty without momentum).
+        u: &'a [f32],
+        /// Receives `v`.
+        r_new: &'a mut [f32],
+        /// Receives the new velocity (may be empty without momentum).
+        u_new: &'a mut [f32],
+        /// Write the new values around the caches (AVX2: non-temporal stores, no read for
+        /// ownership, so the pass moves as many bytes as `r += g`). Worth it when the
+        /// tensors do not fit in the caches anyway; smaller ones are better left there for
+        /// the next pass. Only the speed depends on it.
+        stream: bool,
+    },
+}
+
+impl<'a> Update<'a> {
+    /// Elements updated: the shortest of the slices involved (velocities with momentum only).
+    pub fn len(&self, rule: Momentum) -> usize {
+        let has_u = rule.has_velocity();
+        let u_len = |u: usize| if has_u { u } else { usize::MAX };
+        match self {
+            Update::InPlace { r, u } => r.len().min(u_len(u.len())),
+            Update::Into {
+                r, u, r_new, u_new, ..
+            } => r
+                .len()
+                .min(r_new.len())
+                .min(u_len(u.len()))
+                .min(u_len(u_new.len())),
+        }
+    }
+
+    /// Whether [`Update::len`] is 0.
+    pub fn is_empty(&self, rule: Momentum) -> bool {
+        self.len(rule) == 0
+    }
+
+    /// A shorter-lived copy (to split it and still read [`Update::new_r`] afterwards).
+    pub fn reborrow(&mut self) -> Update<'_> {
+        match self {
+            Update::InPlace { r, u } => Update::InPlace { r, u },
+            Update::Into {
+                r,
+                u,
+                r_new,
+                u_new,
+                stream,
+            } => Update::Into {
+                r,
+                u,
+                r_new,
+                u_new,
+                stream: *stream,
+            },
+        }
+    }
+
+    /// The first `mid` elements and the rest; `mid <= self.len(rule)`. Without momentum the
+    /// velocities of both parts are empty.
+    pub fn split_at(self, mid: usize, rule: Momentum) -> (Update<'a>, Update<'a>) {
+        let has_u = rule.has_velocity();
+        match self {
+            Update::InPlace { r, u } => {
+                let (r0, r1) = r.split_at_mut(mid);
+                let (u0, u1) = if has_u {
+                    u.split_at_mut(mid)
+                } else {
+                    (&mut [][..], &mut [][..])
+                };
+                (
+                    Update::InPlace { r: r0, u: u0 },
+                    Update::InPlace { r: r1, u: u1 },
+                )
+            }
+            Update::Into {
+                r,
+                u,
+                r_new,
+                u_new,
+                stream,
+            } => {
+                let (r0, r1) = r.split_at(mid);
+                let (n0, n1) = r_new.split_at_mut(mid);
+                let ((u0, u1), (m0, m1)) = if has_u {
+                    (u.split_at(mid), u_new.split_at_mut(mid))
+                } else {
+                    ((&[][..], &[][..]), (&mut [][..], &mut [][..]))
+                };
+                (
+                    Update::Into {
+                        r: r0,
+                        u: u0,
+                        r_new: n0,
+                        u_new: m0,
+                        stream,
+                    },
+                    Update::Into {
+                        r: r1,
+                        u: u1,
+                        r_new: n1,
+                        u_new: m1,
+                        stream,
+                    },
+                )
+            }
+        }
+    }
+
+    /// Where `v` is (after the accumulation).
+    pub fn new_r(&self) -> &[f32] {
+        match self {
+            Update::InPlace { r, .. } => r,
+            Update::Into { r_new, .. } => r_new,
+        }
+    }
+}
+
+impl Accumulated {
+    /// The result of one pass over this part followed by `next`.
+    fn then(self, next: Accumulated) -> Accumulated {
+        Accumulated {
+            count: self.count + next.count,
+            max_mag: self.max_mag.max(next.max_mag),
+        }
+    }
+}
+
+/// The shape every SIMD accumulation shares: the scalar kernel runs the first `head`
+/// elements (to align the stores) and the tail, `simd(part, g, list, base)` the body between
+/// them (a multiple of `block` elements), and the results are joined as one pass would have
+/// made them.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-fn with_scalar_tail(
+fn with_scalar_ends(
     rule: Momentum,
-    r: &mut [f32],
-    u: &mut [f32],
+    upd: Update<'_>,
     g: &[f32],
     gather_at: Option<u32>,
     list: &mut [u32],
     base: u32,
+    head: usize,
     block: usize,
-    head: impl FnOnce(&mut [f32], &mut [f32], &[f32], &mut [u32], usize) -> Accumulated,
+    simd: impl FnOnce(Update<'_>, &[f32], &mut [u32], u32) -> Accumulated,
 ) -> Accumulated {
-    let mut n = r.len().min(g.len());
-    if rule.has_velocity() {
-        n = n.min(u.len());
-    }
-    let body = n / block * block;
-    let head = head(r, u, g, list, body);
-    let u_tail = if rule.has_velocity() {
-        &mut u[body..n]
-    } else {
-        &mut []
-    };
-    let tail = scalar::accumulate(
-        rule,
-        &mut r[body..n],
-        u_tail,
-        &g[body..n],
-        gather_at,
-        list.get_mut(head.count..).unwrap_or(&mut []),
-        base.wrapping_add(body as u32),
+    let n = upd.len(rule).min(g.len());
+    let head = head.min(n);
+    let body = (n - head) / block * block;
+    let (upd, _) = upd.split_at(n, rule);
+    let (first, rest) = upd.split_at(head, rule);
+    let (mid, last) = rest.split_at(body, rule);
+    let (g0, rest) = g[..n].split_at(head);
+    let (g1, g2) = rest.split_at(body);
+    let at = |base: u32, from: usize| base.wrapping_add(from as u32);
+    let a = scalar::accumulate(rule, first, g0, gather_at, list, base);
+    let b = simd(
+        mid,
+        g1,
+        list.get_mut(a.count..).unwrap_or(&mut []),
+        at(base, head),
     );
-    Accumulated {
-        count: head.count + tail.count,
-        max_mag: head.max_mag.max(tail.max_mag),
-    }
+    let ab = a.then(b);
+    let c = scalar::accumulate(
+        rule,
+        last,
+        g2,
+        gather_at,
+        list.get_mut(ab.count..).unwrap_or(&mut []),
+        at(base, head + body),
+    );
+    ab.then(c)
 }
 
 /// Error feedback (and momentum) over a whole slice, fused with the candidate gather: see
@@ -235,8 +379,7 @@ fn with_scalar_tail(
 pub fn accumulate(
     level: Level,
     rule: Momentum,
-    r: &mut [f32],
-    u: &mut [f32],
+    upd: Update<'_>,
     g: &[f32],
     gather_at: Option<u32>,
     list: &mut [u32],
@@ -244,14 +387,14 @@ pub fn accumulate(
 ) -> Accumulated {
     #[cfg(target_arch = "x86_64")]
     if level == Level::Avx2 && avx2() {
-        return x86_64::accumulate(rule, r, u, g, gather_at, list, base);
+        return x86_64::accumulate(rule, upd, g, gather_at, list, base);
     }
     #[cfg(target_arch = "aarch64")]
     if level == Level::Neon {
-        return aarch64::accumulate(rule, r, u, g, gather_at, list, base);
+        return aarch64::accumulate(rule, upd, g, gather_at, list, base);
     }
     let _ = level;
-    scalar::accumulate(rule, r, u, g, gather_at, list, base)
+    scalar::accumulate(rule, upd, g, gather_at, list, base)
 }
 
 /// The largest magnitude bits of `x`: see [`scalar::max_mag`].
@@ -343,25 +486,27 @@ impl Passes {
         }
     }
 
-    /// `r <- v` (and `u`), gathering `|v| >= gather_at` into `list`; the candidate count,
-    /// or [`Error::Overflow`] when an accumulated value is not finite.
+    /// `v` (and the new velocity) into `upd`'s destination, gathering `|v| >= gather_at`
+    /// into `list`; the candidate count. When a new value is not finite:
+    /// [`Error::NonFiniteGradient`] if `g` is not finite, else [`Error::Overflow`].
     pub fn accumulate(
         &self,
         rule: Momentum,
-        r: &mut [f32],
-        u: &mut [f32],
+        upd: Update<'_>,
         g: &[f32],
         gather_at: Option<u32>,
         list: &mut [u32],
     ) -> Result<usize, Error> {
         #[cfg(feature = "std")]
-        let a = parallel::accumulate_par(self.level, self.threads, rule, r, u, g, gather_at, list);
+        let a = parallel::accumulate_par(self.level, self.threads, rule, upd, g, gather_at, list);
         #[cfg(not(feature = "std"))]
-        let a = accumulate(self.level, rule, r, u, g, gather_at, list, 0);
+        let a = accumulate(self.level, rule, upd, g, gather_at, list, 0);
         if a.finite() {
             Ok(a.count)
-        } else {
+        } else if self.all_finite(g) {
             Err(Error::Overflow)
+        } else {
+            Err(Error::NonFiniteGradient)
         }
     }
 

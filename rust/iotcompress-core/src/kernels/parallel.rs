@@ -2,7 +2,7 @@
 //! on a contiguous part; results are merged in index order, so the output is identical to
 //! one thread's.
 
-use super::{accumulate, gather, max_mag, Accumulated, Level};
+use super::{accumulate, gather, max_mag, Accumulated, Level, Update};
 use crate::feedback::Momentum;
 
 /// Below this many elements per thread a pass stays on the calling thread.
@@ -24,43 +24,36 @@ pub fn accumulate_par(
     level: Level,
     threads: usize,
     rule: Momentum,
-    r: &mut [f32],
-    u: &mut [f32],
+    mut upd: Update<'_>,
     g: &[f32],
     gather_at: Option<u32>,
     list: &mut [u32],
 ) -> Accumulated {
-    let n = r.len();
+    let n = upd.len(rule).min(g.len());
     let Some(part) = part_len(n, threads) else {
-        return accumulate(level, rule, r, u, g, gather_at, list, 0);
+        return accumulate(level, rule, upd, g, gather_at, list, 0);
     };
     let parts = n.div_ceil(part);
     // Each part gathers into its own share of the list.
     let share = list.len() / parts;
     let mut seen = [Accumulated::default(); MAX_THREADS];
     let seen = &mut seen[..parts];
-    let has_u = rule.has_velocity();
     std::thread::scope(|s| {
-        let mut r_rest = &mut *r;
-        let mut u_rest: &mut [f32] = if has_u { &mut *u } else { &mut [] };
-        let mut g_rest = g;
+        let (mut u_rest, _) = upd.reborrow().split_at(n, rule);
+        let mut g_rest = &g[..n];
         let mut l_rest = &mut *list;
         let mut results = seen.iter_mut();
         let mut start = 0usize;
-        while !r_rest.is_empty() {
-            let len = part.min(r_rest.len());
-            let (rp, rr) = r_rest.split_at_mut(len);
-            let (up, ur) = if has_u {
-                u_rest.split_at_mut(len)
-            } else {
-                (&mut [][..], &mut [][..])
-            };
+        while !g_rest.is_empty() {
+            let len = part.min(g_rest.len());
+            let (up, ur) = u_rest.split_at(len, rule);
             let (gp, gr) = g_rest.split_at(len);
             let (lp, lr) = l_rest.split_at_mut(share.min(l_rest.len()));
             let Some(slot) = results.next() else { break };
             let base = start as u32;
-            s.spawn(move || *slot = accumulate(level, rule, rp, up, gp, gather_at, lp, base));
-            (r_rest, u_rest, g_rest, l_rest) = (rr, ur, gr, lr);
+            // Each thread's kernel fences its own non-temporal stores before it returns.
+            s.spawn(move || *slot = accumulate(level, rule, up, gp, gather_at, lp, base));
+            (u_rest, g_rest, l_rest) = (ur, gr, lr);
             start += len;
         }
     });
@@ -77,8 +70,8 @@ pub fn accumulate_par(
                 }
             } else {
                 // One share overflowed though the whole list would not: gather again from
-                // `r`, which now holds `v` (rare: the candidates bunch in one part).
-                gather(level, r, at, list, 0);
+                // the new residual, which holds `v` (rare: the candidates bunch in one part).
+                gather(level, &upd.new_r()[..n], at, list, 0);
             }
         }
     }

@@ -1,19 +1,19 @@
 //! The reference kernels: plain loops, the specification every SIMD kernel must match bit
 //! for bit (`tests/simd.rs`). Always built; the only kernels on targets without SIMD.
 
-use super::Accumulated;
+use super::{Accumulated, Update};
 use crate::feedback::accumulate_one;
 use crate::feedback::Momentum;
 use crate::float::mag_bits;
 use crate::float::{f16_to_f32, is_finite_bits};
 use crate::quant::{Quant, Quantizer};
 
-/// `v = rule(r, u, g)` stored into `r` (and `u`); indices (plus `base`) of `|v| >= at`
-/// pushed into `list`, counting past its capacity; the largest magnitude of `v` and `u`.
+/// `v = rule(r, u, g)` stored into `r` (and `u`), or into `r_new` (and `u_new`) with
+/// [`Update::Into`]; indices (plus `base`) of `|v| >= at` pushed into `list`, counting past
+/// its capacity; the largest magnitude of `v` and the new `u`.
 pub fn accumulate(
     rule: Momentum,
-    r: &mut [f32],
-    u: &mut [f32],
+    upd: Update<'_>,
     g: &[f32],
     gather_at: Option<u32>,
     list: &mut [u32],
@@ -21,10 +21,8 @@ pub fn accumulate(
 ) -> Accumulated {
     let mut count = 0usize;
     let mut max_mag = 0u32;
-    let mut step = |i: usize, r: &mut f32, u: &mut f32, g: f32| {
-        let (v, un) = accumulate_one(rule, *r, *u, g);
-        *r = v;
-        *u = un;
+    let mut step = |i: usize, r: f32, u: f32, g: f32| {
+        let (v, un) = accumulate_one(rule, r, u, g);
         let mag = mag_bits(v);
         max_mag = max_mag.max(mag).max(mag_bits(un));
         if let Some(t) = gather_at {
@@ -35,15 +33,34 @@ pub fn accumulate(
                 count += 1;
             }
         }
+        (v, un)
     };
-    if rule.has_velocity() {
-        for (i, ((r, u), &g)) in r.iter_mut().zip(u.iter_mut()).zip(g).enumerate() {
-            step(i, r, u, g);
+    match (upd, rule.has_velocity()) {
+        (Update::InPlace { r, u }, true) => {
+            for (i, ((r, u), &g)) in r.iter_mut().zip(u.iter_mut()).zip(g).enumerate() {
+                (*r, *u) = step(i, *r, *u, g);
+            }
         }
-    } else {
-        let mut none = 0.0;
-        for (i, (r, &g)) in r.iter_mut().zip(g).enumerate() {
-            step(i, r, &mut none, g);
+        (Update::InPlace { r, .. }, false) => {
+            for (i, (r, &g)) in r.iter_mut().zip(g).enumerate() {
+                *r = step(i, *r, 0.0, g).0;
+            }
+        }
+        (
+            Update::Into {
+                r, u, r_new, u_new, ..
+            },
+            true,
+        ) => {
+            let new = r_new.iter_mut().zip(u_new.iter_mut());
+            for (i, (((&r, &u), &g), (rn, un))) in r.iter().zip(u).zip(g).zip(new).enumerate() {
+                (*rn, *un) = step(i, r, u, g);
+            }
+        }
+        (Update::Into { r, r_new, .. }, false) => {
+            for (i, ((&r, &g), rn)) in r.iter().zip(g).zip(r_new.iter_mut()).enumerate() {
+                *rn = step(i, r, 0.0, g).0;
+            }
         }
     }
     Accumulated { count, max_mag }

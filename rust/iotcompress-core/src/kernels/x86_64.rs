@@ -6,7 +6,7 @@
 
 use core::arch::x86_64::*;
 
-use super::{scalar, with_scalar_tail, Accumulated};
+use super::{scalar, with_scalar_ends, Accumulated, Update};
 use crate::feedback::Momentum;
 use crate::quant::{Quant, Quantizer};
 
@@ -25,10 +25,12 @@ pub fn prefetch(x: &f32) {
     unsafe { _mm_prefetch::<_MM_HINT_T0>((x as *const f32).cast()) }
 }
 
+/// Bytes of alignment `_mm256_stream_ps` needs.
+const STREAM_ALIGN: usize = 32;
+
 pub fn accumulate(
     rule: Momentum,
-    r: &mut [f32],
-    u: &mut [f32],
+    upd: Update<'_>,
     g: &[f32],
     gather_at: Option<u32>,
     list: &mut [u32],
@@ -36,29 +38,99 @@ pub fn accumulate(
 ) -> Accumulated {
     let m = rule.factor();
     let at = gather_at.unwrap_or(0);
-    let head = |r: &mut [f32], u: &mut [f32], g: &[f32], list: &mut [u32], body: usize| {
-        // SAFETY: the caller (`super::accumulate`) checked that the CPU has AVX2; `with_scalar_tail` passes `body` no larger than r, g (and u with
-        // momentum), a multiple of BLOCK.
+    // Streaming, the scalar kernel runs the elements before `r_new`'s first 32-byte
+    // boundary, so that the body's stores of `v` are aligned and can bypass the cache.
+    let head = match &upd {
+        Update::Into {
+            r_new,
+            stream: true,
+            ..
+        } => r_new.as_ptr().align_offset(STREAM_ALIGN),
+        _ => 0,
+    };
+    let simd = |upd: Update<'_>, g: &[f32], list: &mut [u32], base: u32| {
+        let body = g.len();
+        let p = match upd {
+            Update::InPlace { r, u } => {
+                let (rp, up) = (r.as_mut_ptr(), u.as_mut_ptr());
+                Ptrs {
+                    r: rp,
+                    u: up,
+                    g: g.as_ptr(),
+                    r_new: rp,
+                    u_new: up,
+                    stream_r: false,
+                    stream_u: false,
+                }
+            }
+            Update::Into {
+                r,
+                u,
+                r_new,
+                u_new,
+                stream,
+            } => Ptrs {
+                r: r.as_ptr(),
+                u: u.as_ptr(),
+                g: g.as_ptr(),
+                stream_r: stream && aligned(r_new),
+                stream_u: stream && aligned(u_new),
+                r_new: r_new.as_mut_ptr(),
+                u_new: u_new.as_mut_ptr(),
+            },
+        };
+        // SAFETY: the caller (`super::accumulate`) checked that the CPU has AVX2;
+        // `with_scalar_ends` passes a part whose slices (r, g, r_new, and u, u_new with
+        // momentum) all hold `body` elements, a multiple of BLOCK; `r_new`/`u_new` are
+        // streamed to only when 32-byte aligned. Out of place, the old state (shared
+        // borrows) and the new (exclusive borrows) cannot overlap.
         unsafe {
             match (rule, gather_at.is_some()) {
-                (Momentum::None, true) => acc::<NONE, true>(m, r, u, g, body, at, list, base),
-                (Momentum::None, false) => acc::<NONE, false>(m, r, u, g, body, at, list, base),
-                (Momentum::Vanilla(_), true) => {
-                    acc::<VANILLA, true>(m, r, u, g, body, at, list, base)
-                }
-                (Momentum::Vanilla(_), false) => {
-                    acc::<VANILLA, false>(m, r, u, g, body, at, list, base)
-                }
-                (Momentum::Nesterov(_), true) => {
-                    acc::<NESTEROV, true>(m, r, u, g, body, at, list, base)
-                }
+                (Momentum::None, true) => acc::<NONE, true>(m, p, body, at, list, base),
+                (Momentum::None, false) => acc::<NONE, false>(m, p, body, at, list, base),
+                (Momentum::Vanilla(_), true) => acc::<VANILLA, true>(m, p, body, at, list, base),
+                (Momentum::Vanilla(_), false) => acc::<VANILLA, false>(m, p, body, at, list, base),
+                (Momentum::Nesterov(_), true) => acc::<NESTEROV, true>(m, p, body, at, list, base),
                 (Momentum::Nesterov(_), false) => {
-                    acc::<NESTEROV, false>(m, r, u, g, body, at, list, base)
+                    acc::<NESTEROV, false>(m, p, body, at, list, base)
                 }
             }
         }
     };
-    with_scalar_tail(rule, r, u, g, gather_at, list, base, BLOCK, head)
+    with_scalar_ends(rule, upd, g, gather_at, list, base, head, BLOCK, simd)
+}
+
+/// Whether `x` starts at a multiple of `STREAM_ALIGN` bytes.
+fn aligned(x: &[f32]) -> bool {
+    x.as_ptr() as usize & (STREAM_ALIGN - 1) == 0
+}
+
+/// Where one accumulation body reads and writes (`r == r_new`, `u == u_new` in place).
+struct Ptrs {
+    r: *const f32,
+    u: *const f32,
+    g: *const f32,
+    r_new: *mut f32,
+    u_new: *mut f32,
+    /// Non-temporal stores into `r_new` (`u_new`): 32-byte aligned and not read back here.
+    stream_r: bool,
+    stream_u: bool,
+}
+
+/// Stores eight floats at `p`, bypassing the cache when `stream`.
+///
+/// # Safety
+/// AVX2; `p` is valid for eight floats, and 32-byte aligned when `stream`.
+#[inline(always)]
+unsafe fn store(p: *mut f32, v: __m256, stream: bool) {
+    // SAFETY: see # Safety.
+    unsafe {
+        if stream {
+            _mm256_stream_ps(p, v)
+        } else {
+            _mm256_storeu_ps(p, v)
+        }
+    }
 }
 
 /// Pushes `base + i + j` for every set bit `j` of `mask` (the scalar kernel's order).
@@ -75,22 +147,19 @@ fn push(mut mask: u32, i: usize, base: u32, list: &mut [u32], count: &mut usize)
 }
 
 /// # Safety
-/// AVX2 must be available; `r`, `g` (and `u` when `M != NONE`) must hold `body` elements,
-/// a multiple of `BLOCK`.
+/// AVX2 must be available; `p.r`, `p.g`, `p.r_new` (and `p.u`, `p.u_new` when `M != NONE`)
+/// must be valid for `body` elements, a multiple of `BLOCK`, the new ones writable and not
+/// overlapping the old ones unless equal; `p.r_new` (`p.u_new`) 32-byte aligned when
+/// `p.stream_r` (`p.stream_u`).
 #[target_feature(enable = "avx2")]
 unsafe fn acc<const M: u8, const GATHER: bool>(
     m: f32,
-    r: &mut [f32],
-    u: &mut [f32],
-    g: &[f32],
+    p: Ptrs,
     body: usize,
     at: u32,
     list: &mut [u32],
     base: u32,
 ) -> Accumulated {
-    let rp = r.as_mut_ptr();
-    let up = u.as_mut_ptr();
-    let gp = g.as_ptr();
     let mf = _mm256_set1_ps(m);
     let abs = _mm256_set1_epi32(0x7fff_ffff);
     // `mag >= at` as a signed `mag > at - 1`: magnitudes and `at` are below 2^31, and
@@ -103,13 +172,13 @@ unsafe fn acc<const M: u8, const GATHER: bool>(
         let mut masks = 0u32;
         for lane in 0..2 {
             let o = i + lane * LANES;
-            // SAFETY: o + LANES <= body, in bounds of every slice used (see # Safety).
-            let (rv, gv) = unsafe { (_mm256_loadu_ps(rp.add(o)), _mm256_loadu_ps(gp.add(o))) };
+            // SAFETY: o + LANES <= body, in bounds of every pointer used (see # Safety).
+            let (rv, gv) = unsafe { (_mm256_loadu_ps(p.r.add(o)), _mm256_loadu_ps(p.g.add(o))) };
             let v = if M == NONE {
                 _mm256_add_ps(rv, gv)
             } else {
                 // SAFETY: as above; u has `body` elements when M != NONE.
-                let uv = unsafe { _mm256_loadu_ps(up.add(o)) };
+                let uv = unsafe { _mm256_loadu_ps(p.u.add(o)) };
                 let (v, un) = if M == VANILLA {
                     let un = _mm256_add_ps(_mm256_mul_ps(mf, uv), gv);
                     (_mm256_add_ps(rv, un), un)
@@ -117,13 +186,13 @@ unsafe fn acc<const M: u8, const GATHER: bool>(
                     let un = _mm256_mul_ps(mf, _mm256_add_ps(uv, gv));
                     (_mm256_add_ps(_mm256_add_ps(rv, un), gv), un)
                 };
-                // SAFETY: as above.
-                unsafe { _mm256_storeu_ps(up.add(o), un) };
+                // SAFETY: as above; `o` is a multiple of 8 floats, so aligned when streaming.
+                unsafe { store(p.u_new.add(o), un, p.stream_u) };
                 max = _mm256_max_epi32(max, _mm256_and_si256(_mm256_castps_si256(un), abs));
                 v
             };
             // SAFETY: as above.
-            unsafe { _mm256_storeu_ps(rp.add(o), v) };
+            unsafe { store(p.r_new.add(o), v, p.stream_r) };
             let mag = _mm256_and_si256(_mm256_castps_si256(v), abs);
             max = _mm256_max_epi32(max, mag);
             if GATHER {
@@ -135,6 +204,11 @@ unsafe fn acc<const M: u8, const GATHER: bool>(
             push(masks, i, base, list, &mut count);
         }
         i += BLOCK;
+    }
+    if p.stream_r || p.stream_u {
+        // Non-temporal stores are weakly ordered: make them visible before this thread's
+        // later stores (and before it reports back to a joining thread).
+        _mm_sfence();
     }
     Accumulated {
         count,
