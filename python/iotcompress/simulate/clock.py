@@ -96,8 +96,9 @@ def round_time_ms(
 
     Example::
 
-        >>> round_time_ms([10.0, 20.0], [78.0, 10.0], [100.0, 8.0], [([0, 1000], [0, 1000])])
-        32.0
+        >>> # 10 ms / 78 ms / 100 Mbit/s and 200 ms / 1 s / 5 kbit/s: the slow upload lands at 1.7 s
+        >>> round_time_ms([10.0, 200.0], [78.0, 1000.0], [100.0, 0.005], [([125_000, 625], [125_000, 625])])
+        3200.0
     """
     c = np.asarray(compute_ms, dtype=np.float64)
     lat = np.asarray(latency_ms, dtype=np.float64)

@@ -136,7 +136,7 @@ def make_fleet(spec: str, devices: Optional[int] = None, seed: int = 0) -> Fleet
         p = np.array([MIXED_WEIGHTS[k] for k in names])
         # Exact shares (largest remainder), shuffled, so a fleet of 64 has its 10 % of LoRa.
         counts = np.floor(p * n).astype(int)
-        for k in np.argsort(-(p * n - counts))[: n - counts.sum()]:
+        for k in np.argsort(-(p * n - counts), kind="stable")[: n - counts.sum()]:
             counts[k] += 1
         kinds = np.repeat(np.arange(len(names)), counts)
         rng.shuffle(kinds)
