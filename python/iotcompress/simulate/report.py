@@ -87,7 +87,8 @@ def markdown(result: Dict[str, Any], command: Optional[str] = None) -> str:
         lines.append(f"| {row['link']} | {row['devices']} | {row['latency_ms']:g} ms | {row['bandwidth_mbps']:g} Mbit/s "
                      f"| {row['compute_speed']:.3g} |")
     lines += ["", "## Results", ""]
-    lines += headline(result) + [""]
+    for line in headline(result):
+        lines += [line, ""]
     lines += [
         f"| method | time to {target:.0%} | rounds to {target:.0%} | final accuracy | bytes/device/round (up + down) "
         f"| compression vs dense | step time | comm / compute | speedup X / {n} |",
