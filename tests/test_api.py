@@ -627,6 +627,39 @@ def test_non_finite_gradient_is_a_compress_error_and_changes_nothing(opts, bad, 
         assert c.compress(g) == twin.compress(g)
 
 
+@pytest.mark.parametrize("opts", CONFIGS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "dense")
+def test_accumulate_keeps_a_skipped_rounds_gradient_in_the_residual(opts):
+    c, twin = ic.Compressor(N, **opts), ic.Compressor(N, **opts)
+    g1, g2 = _grads(2, start=20)
+    c.accumulate(g1)
+    assert c.step == 0 and c.last_nnz == 0
+    if opts.get("momentum"):
+        m = np.float32(opts["momentum"])
+        u = m * g1 if opts.get("nesterov") else g1  # u = m*(u + g) or m*u + g, from u = 0
+        np.testing.assert_allclose(c.velocity, u, rtol=1e-6)
+        np.testing.assert_allclose(c.residual, u + g1 if opts.get("nesterov") else u, rtol=1e-6)
+    else:
+        np.testing.assert_array_equal(c.residual, g1)  # nothing lost
+    # From a zero state, skipping a round then sending equals sending the sum at once.
+    if not opts.get("momentum"):
+        assert c.compress(g2) == twin.compress(g1 + g2)
+        np.testing.assert_array_equal(c.residual, twin.residual)
+    # Validation and the all-or-nothing guarantee are those of compress.
+    before = c.state_dict()
+    bad = randn(N, 5)
+    bad[N // 3] = np.nan
+    with pytest.raises(ic.CompressError, match=r"NaN or infinity"):
+        c.accumulate(bad)
+    with pytest.raises(ValueError):
+        c.accumulate(randn(N - 1))
+    with pytest.raises(TypeError):
+        c.accumulate(randn(N).astype(np.float64))
+    after = c.state_dict()
+    np.testing.assert_array_equal(after["residual"], before["residual"])
+    np.testing.assert_array_equal(after["velocity"], before["velocity"])
+    assert after["step"] == before["step"]
+
+
 def test_residual_overflow_is_a_compress_error():
     c = ic.Compressor(2, threshold=3.4e38)
     g = np.array([3e38, 1.0], np.float32)

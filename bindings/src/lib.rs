@@ -110,6 +110,17 @@ impl PyCompressor {
         Ok(PyBytes::new(py, &self.out[..info.bytes]))
     }
 
+    /// Adds a contiguous float32 vector into the residual without sending; the GIL is
+    /// released meanwhile.
+    fn accumulate(&mut self, py: Python<'_>, grad: PyReadonlyArray1<'_, f32>) -> PyResult<()> {
+        let grad = grad
+            .as_slice()
+            .map_err(|_| PyValueError::new_err("gradient must be contiguous"))?;
+        let inner = &mut self.inner;
+        py.detach(|| inner.accumulate(grad))
+            .map_err(|e| to_py(py, e))
+    }
+
     /// Switches to another selection, keeping the state.
     #[pyo3(signature = (density, threshold, target_bytes, adaptive, exact))]
     fn set_selection(

@@ -136,6 +136,7 @@ class Compressor:
     Each :meth:`compress` adds the gradient into a residual (optionally with DGC momentum
     correction), selects the entries to send, quantises them and returns the wire-format
     message; whatever was not sent stays in :attr:`residual` for later steps.
+    :meth:`accumulate` only adds the gradient in (a round the device skips).
 
     Selection (set at most one of ``density``, ``threshold``, ``target_bytes``):
 
@@ -223,6 +224,27 @@ class Compressor:
         grad = _as_vector(grad, "grad", self._numel)
         with self._lock:
             return self._ext.compress(grad)
+
+    def accumulate(self, grad: Any) -> None:
+        """Adds one gradient into the residual (with the momentum rule, exactly as
+        :meth:`compress` does) without selecting or sending anything: for a round this device
+        skips (partial participation, a lost link). Nothing is lost: the next
+        :meth:`compress` sends from the accumulated sum. :attr:`step` (messages produced)
+        does not change.
+
+        ``grad`` is checked as in :meth:`compress`; a gradient with NaN or infinity raises
+        :class:`CompressError` and leaves the state unchanged.
+
+        Example::
+
+            if link_down:
+                c.accumulate(param.grad.reshape(-1))   # kept for a later round
+            else:
+                send(c.compress(param.grad.reshape(-1)))
+        """
+        grad = _as_vector(grad, "grad", self._numel)
+        with self._lock:
+            self._ext.accumulate(grad)
 
     def set_selection(
         self,

@@ -78,8 +78,12 @@ def test_bucket_rebuild_keeps_every_residual(tmp_path):
             assert any((a != 0).any() for _, after in steps[t][1] for a in after.values())
 
 
-def test_checkpoint_resume_is_bit_identical(tmp_path):
-    options = dict(density=0.05, quant="int8", momentum=0.9, nesterov=True, warmup_steps=4, clip_norm=1.0, seed=5)
+@pytest.mark.parametrize("delay", [0, 2], ids=["sync", "delay2"])
+def test_checkpoint_resume_is_bit_identical(delay, tmp_path):
+    # delay=2: the checkpoint after step 2 holds step 1's decoded average and step 2's
+    # exchange whose payload is not launched yet; the resumed run launches it at step 3.
+    options = dict(density=0.05, quant="int8", momentum=0.9, nesterov=True, warmup_steps=4, clip_norm=1.0, seed=5,
+                   delay=delay)
     full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
     full_dir.mkdir()
     resumed_dir.mkdir()
@@ -120,9 +124,16 @@ def test_state_options_are_validated_and_pickle_without_process_group():
         CompressionState(clip_norm=-1)
     with pytest.raises(ValueError, match="density"):
         CompressionState(density=2.0)
-    s = CompressionState(object(), density=0.01, quant="int8", momentum=0.9, warmup_steps=8)
+    with pytest.raises(ValueError, match="delay"):
+        CompressionState(delay=-1)
+    with pytest.raises(ValueError, match="delay"):
+        CompressionState(delay=1.5)
+    s = CompressionState(object(), density=0.01, quant="int8", momentum=0.9, warmup_steps=8, delay=3)
     restored = pickle.loads(pickle.dumps(s))
     assert restored.process_group is None and restored.options == s.options and restored.warmup_steps == 8
+    assert restored.delay == 3 and restored.participating
+    with pytest.raises(ValueError, match="differ"):
+        CompressionState(density=0.01, quant="int8", momentum=0.9, warmup_steps=8).load_state_dict(s.state_dict())
     assert [warmup_density(0.001, t, 8) for t in (0, 2, 4, 6, 8)] == [0.25, 0.0625, 0.015625, 0.00390625, 0.001]
 
 

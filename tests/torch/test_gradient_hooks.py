@@ -84,3 +84,25 @@ def test_gradient_hook_state_round_trips():
     other.load_state_dict(saved)
     for name, c in hooks.compressors.items():
         assert (other.compressors[name].residual == c.residual).all()
+
+
+def test_skip_accumulates_without_sending_and_average_counts_the_senders():
+    devices = [make_model() for _ in range(3)]
+    outbox = []
+    hooks = [register_gradient_hooks(d, lambda n, m: outbox.append((n, m)), density=0.1) for d in devices]
+    backward(devices[0], seed=0)
+    with hooks[1].skip():
+        assert not hooks[1].participating
+        backward(devices[1], seed=1)
+    assert hooks[1].participating
+    backward(devices[2], seed=2)
+    names = [n for n, _ in devices[0].named_parameters()]
+    assert len(outbox) == 2 * len(names), "the skipping device sent nothing"
+    for name, p in devices[1].named_parameters():
+        # Nothing sent, nothing lost: the residual is the whole gradient.
+        assert torch.equal(torch.from_numpy(hooks[1].compressors[name].residual), p.grad.reshape(-1))
+    server, by_hand = make_model(), make_model()
+    apply_messages(server, outbox, average=True)
+    apply_messages(by_hand, outbox, scale=1 / 2)
+    for p, q in zip(server.parameters(), by_hand.parameters()):
+        assert torch.equal(p.grad, q.grad)

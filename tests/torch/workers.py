@@ -258,3 +258,54 @@ def network_budgets(rank, world, store, out_dir, links):
         save(out_dir, rank, {"stats": steps, "losses": losses, "weights": weights})
     finally:
         finish()
+
+
+def _recording(names, record):
+    """A hook that saves this rank's bucket gradient per parameter name, then compresses."""
+
+    def hook(st, bucket):
+        flat, offset = bucket.buffer().detach().float(), 0
+        for p in bucket.parameters():
+            record[names[id(p)]] = flat[offset : offset + p.numel()].clone().view_as(p)
+            offset += p.numel()
+        return compression_hook(st, bucket)
+
+    return hook
+
+
+def delayed_steps(rank, world, store, out_dir, runs, steps, skips=None):
+    """For each ``(label, options)`` in ``runs``: ``steps`` SGD steps of TwoLayer under the
+    hook, recording per step this rank's local gradients, what the hook gave the optimizer,
+    and the residuals before and after; ``skips`` maps rank -> steps it sits out."""
+    init(rank, world, store)
+    try:
+        results = {}
+        for label, options in runs:
+            model = TwoLayer()
+            ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.001)
+            state = CompressionState(**options)
+            names = {id(p): n for n, p in model.named_parameters()}
+            local = {}
+            ddp.register_comm_hook(state, _recording(names, local))
+            opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+            record = {"local": [], "applied": [], "residual_before": [], "residual_after": []}
+            for step in range(steps):
+
+                def residuals():
+                    return {n: (torch.from_numpy(state.compressor_for(p).residual).clone()
+                                if state.compressor_for(p) else None) for n, p in model.named_parameters()}
+
+                state.participating = step not in (skips or {}).get(rank, ())
+                record["residual_before"].append(residuals())
+                opt.zero_grad()
+                loss_of(ddp, rank, step).backward()
+                record["local"].append(dict(local))
+                record["applied"].append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+                record["residual_after"].append(residuals())
+                opt.step()
+            record["weights"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+            record["stats"] = dict(state.stats)
+            results[label] = record
+        save(out_dir, rank, results)
+    finally:
+        finish()

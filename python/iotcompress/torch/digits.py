@@ -75,7 +75,7 @@ def powersgd_bytes_per_step(model: nn.Module, rank: int = 1, min_compression_rat
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str, method: str, epochs: int, lr: float,
-            batch: int, warmup_steps: int, progress: bool) -> None:
+            batch: int, warmup_steps: int, progress: bool, delay: int = 0) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -94,10 +94,12 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, method: str, ep
         elif method == "iotcompress":
             from iotcompress.torch import CompressionState, compression_hook
 
-            state = CompressionState(**DGC_OPTIONS, warmup_steps=warmup_steps)
+            state = CompressionState(**DGC_OPTIONS, warmup_steps=warmup_steps, delay=delay)
             ddp.register_comm_hook(state, compression_hook)
             momentum = 0.0  # DGC: momentum lives in the hook
-        elif method != "dense":
+        elif delay:
+            raise ValueError("delay=... applies to method='iotcompress' only")
+        if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
         opt = torch.optim.SGD(ddp.parameters(), lr=lr, momentum=momentum)
         shard = torch.arange(rank, len(ytr), world)
@@ -152,14 +154,15 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, method: str, ep
 
 
 def train(method: str, world: int = 4, epochs: int = 60, lr: float = 0.05, batch: int = 32,
-          warmup_steps: int = 40, progress: bool = False, tmp: Optional[str] = None) -> Dict[str, Any]:
-    """Trains with ``world`` spawned gloo workers; returns rank 0's result: ``accuracy`` (the
+          warmup_steps: int = 40, progress: bool = False, tmp: Optional[str] = None, delay: int = 0) -> Dict[str, Any]:
+    """Trains with ``world`` spawned gloo workers; ``delay`` is the hook's delayed averaging
+    (``CompressionState(delay=...)``, method "iotcompress" only). Returns rank 0's result: ``accuracy`` (the
     mean test accuracy of the last ``LAST_EPOCHS`` epochs; ``final_accuracy`` and ``curve`` have
     the last and every epoch's), ``bytes_per_step`` (per worker, after warm-up), ``dense_bytes_per_step``, ``wall_s``,
     and ``ranks`` (every rank's result; their weights agree)."""
     with tempfile.TemporaryDirectory(dir=tmp) as d:
         init_file = os.path.join(d, "store")
-        mp.spawn(_worker, args=(world, init_file, d, method, epochs, lr, batch, warmup_steps, progress),
+        mp.spawn(_worker, args=(world, init_file, d, method, epochs, lr, batch, warmup_steps, progress, delay),
                  nprocs=world, join=True)
         ranks = []
         for r in range(world):

@@ -324,6 +324,36 @@ impl Compressor {
         Ok(StepInfo { bytes: total, nnz })
     }
 
+    /// Adds one gradient into the residual (with the momentum rule, as [`Compressor::compress`]
+    /// does) without selecting or sending anything: a round this device skips. Nothing is
+    /// lost, the next [`Compressor::compress`] sends from the sum. The message counter
+    /// [`Compressor::step`] does not move (no message was made).
+    ///
+    /// On [`Error::NonFiniteGradient`] and on length errors the state is unchanged.
+    pub fn accumulate(&mut self, bufs: Buffers<'_>, grad: &[f32]) -> Result<(), Error> {
+        let n = self.numel;
+        let Buffers {
+            residual, velocity, ..
+        } = bufs;
+        if grad.len() != n || residual.len() != n || velocity.len() < self.velocity_len() {
+            return Err(Error::LengthMismatch);
+        }
+        let passes = Passes::new(self.threads);
+        if !passes.all_finite(grad) {
+            return Err(Error::NonFiniteGradient);
+        }
+        let velocity = &mut velocity[..self.velocity_len()];
+        passes.accumulate(
+            self.config.momentum,
+            residual,
+            velocity,
+            grad,
+            None,
+            &mut [],
+        )?;
+        Ok(())
+    }
+
     /// Every entry, byte-aligned codes: one monomorphic pass writes the codes and leaves the
     /// quantisation error in the residual (the general path below makes two generic passes).
     /// `None` for the quantisers it does not cover.

@@ -89,6 +89,16 @@ impl OwnedCompressor {
         self.core.compress(bufs, grad, out)
     }
 
+    /// Adds `grad` into the residual without sending; see [`Compressor::accumulate`].
+    pub fn accumulate(&mut self, grad: &[f32]) -> Result<(), Error> {
+        let bufs = Buffers {
+            residual: &mut self.residual,
+            velocity: &mut self.velocity,
+            scratch: &mut self.scratch,
+        };
+        self.core.accumulate(bufs, grad)
+    }
+
     /// Compresses `grad` into a new vector of exactly the message's length.
     pub fn compress_to_vec(&mut self, grad: &[f32]) -> Result<Vec<u8>, Error> {
         let mut out = vec![0u8; self.max_message_len()];

@@ -458,3 +458,68 @@ fn message_len_bound_holds() {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// `accumulate` is the accumulation half of `compress`: the residual becomes v (the
+    /// velocity its momentum update), nothing is sent and the message counter stays; a
+    /// skipped round followed by a sent one sends what one round with the summed gradient
+    /// would (from a zero state, where the f32 sums agree bit for bit).
+    #[test]
+    fn accumulate_is_compress_without_sending((n, seed, scale) in gradient_strategy()) {
+        let mut rng = TestRng(seed | 1);
+        for sel in selections(scale) {
+            for momentum in momenta() {
+                let cfg = config(sel, Quant::Int8, momentum, seed);
+                let mut c = compressor(cfg, n);
+                let g = rng.normals(n, scale);
+                c.compress_to_vec(&rng.normals(n, scale)).unwrap();
+                let (r_old, u_old, step) = (c.residual().to_vec(), c.velocity().to_vec(), c.core().step);
+                c.accumulate(&g).unwrap();
+                let (v, u_new) = expected_v(momentum, &r_old, &u_old, &g);
+                prop_assert_eq!(c.residual(), &v[..]);
+                if momentum != Momentum::None {
+                    prop_assert_eq!(c.velocity(), &u_new[..]);
+                }
+                prop_assert_eq!(c.core().step, step);
+            }
+            let (g1, g2) = (rng.normals(n, scale), rng.normals(n, scale));
+            let sum: Vec<f32> = g1.iter().zip(&g2).map(|(a, b)| a + b).collect();
+            let mut skipped = compressor(config(sel, Quant::Int8, Momentum::None, seed), n);
+            let mut once = compressor(config(sel, Quant::Int8, Momentum::None, seed), n);
+            skipped.accumulate(&g1).unwrap();
+            prop_assert_eq!(skipped.compress_to_vec(&g2).unwrap(), once.compress_to_vec(&sum).unwrap());
+            prop_assert_eq!(skipped.residual(), once.residual());
+        }
+    }
+}
+
+/// A non-finite or mis-sized gradient leaves the state of `accumulate` unchanged.
+#[test]
+fn accumulate_rejects_bad_gradients_without_touching_the_state() {
+    use iotcompress_core::Error;
+    let n = 33;
+    let mut rng = TestRng(7);
+    let mut c = compressor(
+        config(
+            Selection::Threshold(0.5),
+            Quant::F32,
+            Momentum::Vanilla(0.9),
+            1,
+        ),
+        n,
+    );
+    c.accumulate(&rng.normals(n, 1.0)).unwrap();
+    let before = c.clone();
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let mut g = rng.normals(n, 1.0);
+        g[n / 2] = bad;
+        assert_eq!(c.accumulate(&g), Err(Error::NonFiniteGradient));
+    }
+    assert_eq!(c.accumulate(&[1.0; 32]), Err(Error::LengthMismatch));
+    assert_eq!(
+        (c.residual(), c.velocity(), c.core()),
+        (before.residual(), before.velocity(), before.core())
+    );
+}
