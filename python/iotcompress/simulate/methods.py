@@ -185,19 +185,12 @@ class IotCompress(Method):
         for j, b in enumerate(np.unique(budgets)):
             rows = torch.from_numpy(np.flatnonzero(budgets == b))
             self.groups.append((rows, ic.Compressor(n, target_bytes=int(b), quant=setup.quant, seed=setup.seed + N + j)))
-        # TODO(sim): drop the pending buffer once Compressor.accumulate is on main.
-        self._has_accumulate = hasattr(self.up[0], "accumulate")
-        self.pending = None if self._has_accumulate else torch.zeros(N, n)
         self.agg = torch.zeros(n)
         self.vel = torch.zeros(n)
 
     def residual(self, i: int) -> np.ndarray:
-        """What device ``i`` has not sent yet (its compressor's residual, plus the gradients of
-        skipped rounds while ``accumulate`` is emulated)."""
-        r = self.up[i].residual
-        if self.pending is not None:
-            r = r + self.pending[i].numpy()
-        return r
+        """What device ``i`` has not sent yet: its compressor's residual."""
+        return self.up[i].residual
 
     def _upload(self, G: torch.Tensor, mask: np.ndarray) -> np.ndarray:
         """Devices compress and send; the server averages and takes its step; returns the
@@ -207,17 +200,11 @@ class IotCompress(Method):
         scale = 1.0 / max(int(mask.sum()), 1)
         for i in range(self.s.devices):
             if mask[i]:
-                g = G[i]
-                if self.pending is not None:
-                    g = g + self.pending[i]
-                    self.pending[i].zero_()
-                msg = self.up[i].compress(g)
+                msg = self.up[i].compress(G[i])
                 ic.decode_add(msg, self.agg, scale=scale)
                 up[i] = len(msg)
-            elif self.pending is None:
+            else:  # left out of the round: error feedback without sending
                 self.up[i].accumulate(G[i])
-            else:
-                self.pending[i].add_(G[i])
         self.vel.mul_(self.s.momentum).add_(self.agg)
         self.server.sub_(self.s.lr * self.vel)
         return up
