@@ -228,3 +228,6 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     assert main(["simulate", "--devices", "2", "--participation", "1.5", "--compute-ms", "1",
                  "--out", str(tmp_path), "--quiet"]) == 2
     assert "participation must be in (0, 1]" in capsys.readouterr().err
+    assert main(["simulate", "--devices", "2", "--quant", "int3", "--compute-ms", "1",
+                 "--out", str(tmp_path), "--quiet"]) == 2
+    assert "unknown quant 'int3'" in capsys.readouterr().err

@@ -4,7 +4,6 @@ and the clock advanced by the model in :mod:`iotcompress.simulate.clock`."""
 
 from __future__ import annotations
 
-import math
 import platform
 import statistics
 import time
@@ -15,13 +14,15 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+import iotcompress as ic
+
 from . import clock
 from ._progress import Progress
 from .fleet import Fleet, budgets
 from .methods import METHODS, Method, Setup, make_method
 
 
-def _data(seed: int):
+def _data():
     from iotcompress.torch.digits import digits_data
 
     return digits_data()
@@ -36,7 +37,7 @@ def _model() -> nn.Module:
 def calibrate_compute_ms(batch: int, repeats: int = 30) -> float:
     """The median wall time (ms) of one forward/backward of the digits CNN on ``batch`` images,
     on one thread of this machine: the compute time of a device of speed 1.0."""
-    (xtr, ytr), _ = _data(0)
+    (xtr, ytr), _ = _data()
     model = _model()
     x, y = xtr[:batch], ytr[:batch]
     threads = torch.get_num_threads()
@@ -113,6 +114,9 @@ def simulate(
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    if batch < 1 or rank < 1 or not lr > 0:
+        raise ValueError(f"batch and rank must be >= 1 and lr > 0, got batch={batch}, rank={rank}, lr={lr}")
+    ic.Compressor(1, quant=quant)  # a bad quantiser fails here, before any training
     if "iotcompress-delayed" in methods and delay < 1:
         raise ValueError("iotcompress-delayed needs --delay >= 1")
     if threads is not None:
@@ -125,7 +129,7 @@ def simulate(
     lat, bw = fleet.latency_ms, fleet.bandwidth_mbps
     budget = budgets(fleet, budget_ms)
 
-    (xtr, ytr), (xte, yte) = _data(seed)
+    (xtr, ytr), (xte, yte) = _data()
     model = _model()
     names = [(k, tuple(v.shape)) for k, v in model.named_parameters()]
     w0 = torch.cat([v.detach().reshape(-1) for v in model.parameters()])
