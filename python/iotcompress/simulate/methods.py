@@ -137,6 +137,7 @@ class LowRank(Method):
 
     def step(self, G: torch.Tensor, mask: np.ndarray) -> Traffic:
         tmask = torch.from_numpy(mask)
+        share = float(mask.sum()) / self.s.devices
         update = torch.empty(self.s.numel)
         for name, a, b, _ in self.s.slices:
             g = G[:, a:b]
@@ -150,7 +151,9 @@ class LowRank(Method):
             approx = P @ Q.T
             self.E[name] = torch.where(tmask[:, None, None], M - approx, M)
             self.Q[name] = Q
-            update[a:b] = approx.reshape(-1)
+            # A participant's M carries the rounds it missed (1/participation of them on
+            # average): scale by the participating share, as iotcompress divides by N.
+            update[a:b] = approx.reshape(-1) * share
         self.vel.mul_(self.s.momentum).add_(update)
         self.w.sub_(self.s.lr * self.vel)
         N = self.s.devices
@@ -197,7 +200,11 @@ class IotCompress(Method):
         upload sizes."""
         up = np.zeros(self.s.devices, np.int64)
         self.agg.zero_()
-        scale = 1.0 / max(int(mask.sum()), 1)
+        # Over all N devices, not the participants: a device that rejoins brings the
+        # gradients of the rounds it missed, so the averages summed over rounds are every
+        # device's gradients summed over rounds / N (dividing by the participants would
+        # scale the step by 1/participation).
+        scale = 1.0 / self.s.devices
         for i in range(self.s.devices):
             if mask[i]:
                 msg = self.up[i].compress(G[i])

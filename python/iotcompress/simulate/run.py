@@ -206,7 +206,7 @@ def simulate(
                 hit = {"round": r, "time_s": sim_ms / 1e3}
             bar.update(r, f"acc {acc:.3f}  sim {_fmt_s(sim_ms / 1e3)}")
         wall = time.perf_counter() - t0
-        bar.close(f"(final accuracy {curve[-1]['accuracy']:.3f}, simulated {_fmt_s(sim_ms / 1e3)})")
+        bar.close(f"(last-round accuracy {curve[-1]['accuracy']:.3f}, simulated {_fmt_s(sim_ms / 1e3)})")
         seen = np.maximum(up_count, 1)
         # Devices never sampled take the fleet's mean per participation.
         up_mean = [np.where(up_count > 0, u / seen, u.sum() / max(up_count.sum(), 1)) for u in up_sum]
