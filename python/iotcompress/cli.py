@@ -1,8 +1,9 @@
-"""The ``iotcompress`` command: ``demo`` and ``inspect``.
+"""The ``iotcompress`` command: ``demo``, ``simulate`` and ``inspect``.
 
 Example::
 
     $ iotcompress demo
+    $ iotcompress simulate --devices 64 --fleet mixed
     $ iotcompress inspect message.bin
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import List, Optional, Sequence
@@ -105,6 +107,47 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def simulate_cmd(args: argparse.Namespace) -> int:
+    try:
+        import torch  # noqa: F401
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("simulate needs torch, scikit-learn and matplotlib: pip install 'iotcompress[torch]' matplotlib",
+              file=sys.stderr)
+        return 2
+    from iotcompress.simulate import make_fleet
+    from iotcompress.simulate.report import fmt_time, headline, write_report
+    from iotcompress.simulate.run import simulate
+
+    try:
+        fleet = make_fleet(args.fleet, devices=args.devices, seed=args.seed)
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        print(f"iotcompress simulate: {len(fleet)} devices ({fleet.source}), {args.rounds} rounds, "
+              f"methods {', '.join(methods)}", file=sys.stderr)
+        result = simulate(
+            fleet, methods=methods, rounds=args.rounds, target_accuracy=args.target_accuracy, batch=args.batch,
+            lr=args.lr, delay=args.delay, participation=args.participation, budget_ms=args.budget_ms,
+            rank=args.rank, quant=args.quant, seed=args.seed, compute_ms=args.compute_ms,
+            progress=not args.quiet, threads=args.threads,
+        )
+    except ValueError as e:
+        print(f"iotcompress simulate: {e}", file=sys.stderr)
+        return 2
+    command = "iotcompress " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
+    paths = write_report(result, args.out, command=command.strip())
+    target = result["config"]["target_accuracy"]
+    print(f"\n{'method':<40}{'time to ' + format(target, '.0%'):>16}{'bytes/device/round':>20}{'final acc':>11}")
+    for r in result["methods"].values():
+        print(f"{r['label']:<40}{fmt_time(r['time_to_target_s']):>16}{r['bytes_per_device_round']:>20,.0f}"
+              f"{r['final_accuracy']:>11.3f}")
+    for line in headline(result):
+        print("\n" + line)
+    print(f"\nreport: {paths['md']} (and {os.path.basename(paths['json'])}, "
+          f"{', '.join(os.path.basename(paths[k]) for k in ('accuracy_vs_time', 'scalability'))}); "
+          f"{result['wall_s']:.0f} s")
+    return 0
+
+
 def inspect_cmd(args: argparse.Namespace) -> int:
     for path in args.files:
         with open(path, "rb") as f:
@@ -126,10 +169,45 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--quick", action="store_true", help="only the one-gradient table")
     p.set_defaults(func=demo)
+    p = sub.add_parser(
+        "simulate",
+        help="train on a simulated fleet of devices with dense, low rank and iotcompress; report and plots",
+        description="A fleet of simulated devices (own compute speeds and links) trains the digits CNN in one "
+                    "process with the real compressor, on a simulated clock (compute + T_c = latency + "
+                    "bytes/bandwidth per device). Writes OUT/report.md, report.json and PNG plots. "
+                    "See docs/global-training.md.",
+    )
+    p.add_argument("--devices", type=int, default=None,
+                   help="number of devices (default 64; a fleet file's own count; repeated to N if given)")
+    p.add_argument("--fleet", default="mixed",
+                   help="mixed | uniform-PRESET (datacenter, home-wifi, lte, lora, intercontinental) | FILE.csv | "
+                        "FILE.toml (default mixed)")
+    p.add_argument("--rounds", type=int, default=200, help="rounds (steps) per method (default 200)")
+    p.add_argument("--target-accuracy", type=float, default=0.95, help="test accuracy to time (default 0.95)")
+    p.add_argument("--delay", type=int, default=4, help="D of delayed averaging (default 4)")
+    p.add_argument("--participation", type=float, default=1.0,
+                   help="fraction of devices sampled to upload each round (default 1.0)")
+    p.add_argument("--budget-ms", type=float, default=None,
+                   help="time budget of one exchange per device, shared by upload and download "
+                        "(default: twice each device's latency)")
+    p.add_argument("--methods", default="dense,lowrank,iotcompress,iotcompress-delayed",
+                   help="comma-separated subset of dense, lowrank, iotcompress, iotcompress-delayed")
+    p.add_argument("--batch", type=int, default=8, help="images per device per step (default 8)")
+    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default 0.05, momentum 0.9)")
+    p.add_argument("--rank", type=int, default=2, help="rank of the low-rank method (default 2)")
+    p.add_argument("--quant", default="int8", help="iotcompress value quantiser (default int8)")
+    p.add_argument("--compute-ms", type=float, default=None,
+                   help="compute time of a speed-1.0 device per step (default: measured)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: best on a busy machine)")
+    p.add_argument("--out", default="simulation", help="output directory (default simulation/)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=simulate_cmd)
     p = sub.add_parser("inspect", help="print the header of message files")
     p.add_argument("files", nargs="+")
     p.set_defaults(func=inspect_cmd)
     args = parser.parse_args(argv)
+    args.argv = None if argv is None else list(argv)
     return args.func(args)
 
 
