@@ -235,7 +235,7 @@ def nccl_dense_equals_allreduce(rank, world, store, out_dir):
         finish()
 
 
-def network_budgets(rank, world, store, out_dir, links):
+def network_budgets(rank, world, store, out_dir, links, delay=0):
     """Each rank on its own link with its own time budget per step (several buckets)."""
     init(rank, world, store)
     try:
@@ -243,7 +243,7 @@ def network_budgets(rank, world, store, out_dir, links):
         ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.001)
         latency_ms, mbps, budget_ms = links[rank]
         state = CompressionState(network=ic.NetworkProfile(latency_ms, mbps), budget_ms=budget_ms, model=ddp,
-                                 quant="int8", momentum=0.9)
+                                 quant="int8", momentum=0.9, delay=delay)
         ddp.register_comm_hook(state, compression_hook)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
         steps, losses = [], []
