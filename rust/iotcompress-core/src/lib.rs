@@ -34,7 +34,8 @@
 //! decode_add(&msg[..info.bytes], &mut sum, 1.0).unwrap();
 //! ```
 #![cfg_attr(not(any(test, feature = "std")), no_std)]
-// `unsafe` lives only in the SIMD kernels (`kernels/x86_64.rs`), each block with its SAFETY.
+// `unsafe` lives only in the SIMD kernels (`kernels/x86_64.rs`, `kernels/aarch64.rs`) and in
+// the huge-page advice (`pages.rs`), each block with its SAFETY.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -50,6 +51,8 @@ pub mod kernels;
 pub mod network;
 #[cfg(feature = "alloc")]
 mod owned;
+#[cfg(feature = "alloc")]
+mod pages;
 pub mod quant;
 pub mod rng;
 pub mod select;

@@ -5,6 +5,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use crate::compress::{Buffers, Compressor, Config, Spare, StepInfo};
+use crate::pages::zeroed;
 use crate::select::Selection;
 use crate::Error;
 
@@ -35,9 +36,9 @@ impl OwnedCompressor {
     pub fn new(config: Config, numel: usize) -> Result<Self, Error> {
         let core = Compressor::new(config, numel)?;
         let mut c = OwnedCompressor {
-            residual: vec![0.0; numel],
-            velocity: vec![0.0; core.velocity_len()],
-            scratch: vec![0; core.scratch_len()],
+            residual: zeroed(numel),
+            velocity: zeroed(core.velocity_len()),
+            scratch: zeroed(core.scratch_len()),
             spare: None,
             core,
         };
@@ -50,12 +51,7 @@ impl OwnedCompressor {
     /// the accumulation) and every error leaves the state unchanged; the cost is twice the
     /// state's memory. Off, the state is updated in place (what microcontrollers do).
     pub fn set_double_buffering(&mut self, on: bool) {
-        self.spare = on.then(|| {
-            (
-                vec![0.0; self.residual.len()],
-                vec![0.0; self.velocity.len()],
-            )
-        });
+        self.spare = on.then(|| (zeroed(self.residual.len()), zeroed(self.velocity.len())));
     }
 
     /// Whether the compressor is double-buffered.
