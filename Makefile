@@ -7,7 +7,7 @@ CARGO   ?= cargo
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-PY_DEPS := "maturin>=1.5,<2" "numpy>=1.21" "pytest>=7" "pytest-timeout>=2" "hypothesis>=6" "torch>=2.1" "scikit-learn>=1.0"
+PY_DEPS := "maturin>=1.5,<2" "numpy>=1.21" "pytest>=7" "pytest-timeout>=2" "hypothesis>=6" "torch>=2.1" "scikit-learn>=1.0" "matplotlib>=3.5"
 
 .PHONY: demo test rust-test clippy nostd-check py-test develop deps lint fmt clean bench aarch64-test
 
@@ -71,7 +71,6 @@ py-test: develop
 # The side-by-side benchmarks (not tests): writes benches/results/*.md and throughput.png.
 # BENCH_ARGS=--quick for a short run.
 bench: develop
-	$(PY) -m pip install -q "matplotlib>=3.5"
 	$(PY) benches/suite.py $(BENCH_ARGS)
 
 lint: clippy

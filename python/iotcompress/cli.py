@@ -112,7 +112,7 @@ def simulate_cmd(args: argparse.Namespace) -> int:
         import torch  # noqa: F401
         import matplotlib  # noqa: F401
     except ImportError:
-        print("simulate needs torch, scikit-learn and matplotlib: pip install 'iotcompress[torch]' matplotlib",
+        print("simulate needs torch, scikit-learn and matplotlib: pip install 'iotcompress[simulate]'",
               file=sys.stderr)
         return 2
     from iotcompress.simulate import make_fleet
