@@ -111,6 +111,16 @@ impl OwnedCompressor {
 
     /// Compresses `grad` into `out`; see [`Compressor::compress`].
     pub fn compress(&mut self, grad: &[f32], out: &mut [u8]) -> Result<StepInfo, Error> {
+        let (core, bufs) = self.lend();
+        let info = core.compress(bufs, grad, out)?;
+        if info.swapped {
+            self.swap();
+        }
+        Ok(info)
+    }
+
+    /// The counters and the owned tensors, lent to them for one call.
+    fn lend(&mut self) -> (&mut Compressor, Buffers<'_>) {
         let bufs = Buffers {
             residual: &mut self.residual,
             velocity: &mut self.velocity,
@@ -120,11 +130,7 @@ impl OwnedCompressor {
                 velocity: u,
             }),
         };
-        let info = self.core.compress(bufs, grad, out)?;
-        if info.swapped {
-            self.swap();
-        }
-        Ok(info)
+        (&mut self.core, bufs)
     }
 
     /// The spare holds the new state: make it the state.
@@ -137,16 +143,8 @@ impl OwnedCompressor {
 
     /// Adds `grad` into the residual without sending; see [`Compressor::accumulate`].
     pub fn accumulate(&mut self, grad: &[f32]) -> Result<(), Error> {
-        let bufs = Buffers {
-            residual: &mut self.residual,
-            velocity: &mut self.velocity,
-            scratch: &mut self.scratch,
-            spare: self.spare.as_mut().map(|(r, u)| Spare {
-                residual: r,
-                velocity: u,
-            }),
-        };
-        if self.core.accumulate(bufs, grad)? {
+        let (core, bufs) = self.lend();
+        if core.accumulate(bufs, grad)? {
             self.swap();
         }
         Ok(())
