@@ -153,10 +153,7 @@ def plot(result: Dict[str, Any], out_dir: str) -> Dict[str, str]:
     ax.set_title(f"{cfg['devices']} devices, {cfg['fleet']}: accuracy vs simulated time")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    paths["accuracy_vs_time"] = os.path.join(out_dir, PLOTS[0])
-    fig.savefig(paths["accuracy_vs_time"], dpi=110)
-    plt.close(fig)
+    paths["accuracy_vs_time"] = _save(plt, fig, os.path.join(out_dir, PLOTS[0]))
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     sizes = [s["devices"] for s in next(iter(m.values()))["scalability"]]
@@ -170,8 +167,12 @@ def plot(result: Dict[str, Any], out_dir: str) -> Dict[str, str]:
     ax.set_title(f"scalability, {cfg['fleet']}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    paths["scalability"] = os.path.join(out_dir, PLOTS[1])
-    fig.savefig(paths["scalability"], dpi=110)
-    plt.close(fig)
+    paths["scalability"] = _save(plt, fig, os.path.join(out_dir, PLOTS[1]))
     return paths
+
+
+def _save(plt: Any, fig: Any, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -420,8 +420,9 @@ class _Exchange:
                     raise RuntimeError("iotcompress: an exchange was used before its payload was launched")
                 self.future.wait()
                 assert self._gathered is not None and self.lengths is not None
-                self._averages = _decode_average([g[:n] for g, n in zip(self._gathered, self.lengths)],
-                                                 self.keys, self.numels)
+                total = _decode_average([g[:n] for g, n in zip(self._gathered, self.lengths)], self.numels)
+                offsets = np.cumsum([0] + self.numels)
+                self._averages = {k: total[o : o + n] for k, o, n in zip(self.keys, offsets, self.numels)}
                 self._gathered = None
             return self._averages
 
@@ -451,19 +452,20 @@ def _padded(blob: bytes, length: int) -> torch.Tensor:
     return payload
 
 
-def _decode_average(blobs: List[torch.Tensor], keys: List[str], numels: List[int]) -> Dict[str, np.ndarray]:
-    """Sums every sending rank's messages per parameter, divided by the number of ranks that
-    sent (an empty blob is a rank that sat the round out)."""
+def _decode_average(blobs: List[torch.Tensor], numels: List[int]) -> np.ndarray:
+    """The bucket's average: every sending rank's messages (one frame per parameter of
+    ``numels`` elements, in rank order) summed and divided by the number of ranks that sent
+    (an empty blob is a rank that sat the round out)."""
     total = np.zeros(sum(numels), dtype=np.float32)
     senders = sum(1 for b in blobs if b.numel())
     offsets = np.cumsum([0] + numels)
     for blob in blobs:
         if not blob.numel():
             continue
-        frames = split_frames(blob.cpu().numpy().tobytes(), len(keys))
+        frames = split_frames(blob.cpu().numpy().tobytes(), len(numels))
         for offset, numel, msg in zip(offsets, numels, frames):
             ic.decode_add(msg, total[offset : offset + numel], scale=1.0 / senders)
-    return {key: total[offset : offset + numel] for key, offset, numel in zip(keys, offsets, numels)}
+    return total
 
 
 def _bucket_layout(bucket: dist.GradBucket) -> List[Tuple[torch.Tensor, int, int]]:
@@ -541,27 +543,18 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
     sizes = [torch.zeros(1, dtype=torch.int64, device=comm_device) for _ in range(world)]
     dist.all_gather(sizes, size, group=group)
     lengths = [int(s.item()) for s in sizes]
-    senders = sum(1 for n in lengths if n)
     payload = _padded(blob, max(lengths)).to(comm_device)
     gathered = [torch.empty_like(payload) for _ in range(world)]
     fut = dist.all_gather(gathered, payload, group=group, async_op=True).get_future()
     is_last = bucket.is_last()
+    me = dist.get_rank(group)
 
     def decode(_: torch.futures.Future) -> torch.Tensor:
-        total = torch.zeros(grad.size, dtype=torch.float32)
-        out = total.numpy()
-        for rank, length in enumerate(lengths):
-            if not length:
-                continue  # sat this round out
-            data = gathered[rank][:length].cpu().numpy().tobytes()
-            if rank != dist.get_rank(group):
-                step.received += length
-            frames = split_frames(data, len(layout))
-            for (param, offset, numel), msg in zip(layout, frames):
-                ic.decode_add(msg, out[offset : offset + numel], scale=1.0 / senders)
+        step.received += sum(n for rank, n in enumerate(lengths) if rank != me)
+        total = _decode_average([g[:n] for g, n in zip(gathered, lengths)], [n for _, _, n in layout])
         if is_last:
             _finish_step(state)
-        return total.to(device=device, dtype=dtype)
+        return torch.from_numpy(total).to(device=device, dtype=dtype)
 
     return fut.then(decode)
 

@@ -118,7 +118,7 @@ pub fn entries_within(bytes: usize, numel: usize, quant: crate::Quant) -> usize 
     if fits(numel) {
         return numel;
     }
-    // The bound increases with k: the largest k that fits, by bisection.
+    // The bound increases with k: the largest k that fits, by bisection (0 if none does).
     let (mut lo, mut hi) = (0usize, numel);
     while lo < hi {
         let mid = lo + (hi - lo).div_ceil(2);
@@ -128,11 +128,7 @@ pub fn entries_within(bytes: usize, numel: usize, quant: crate::Quant) -> usize 
             hi = mid - 1;
         }
     }
-    if fits(lo) {
-        lo
-    } else {
-        0
-    }
+    lo
 }
 
 /// Candidate-list capacity in threshold mode; beyond it the selection rescans instead.

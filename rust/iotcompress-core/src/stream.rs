@@ -104,7 +104,10 @@
 //! entries sent. The count compared with the target is the number *selected*, so that held-back
 //! entries still raise `Wt`. The target count of a byte budget `B` is
 //! `⌊max(B − 16, 8)·8 / bits_per_entry⌋` (value bits + 12 before the first message), clamped
-//! to `1..=n`, as in the batch compressor.
+//! to `1..=n`, as in the batch compressor. `B` is a target here, not a bound: what bounds a
+//! streamed message is the output buffer (give it `B` bytes to make `B` a budget, as
+//! `iotcompress_network_budget_bytes` suggests); the batch compressor bounds its messages by
+//! `B` itself ([`crate::select::entries_within`]).
 
 use crate::feedback::{accumulate_one, Momentum};
 use crate::float::{

@@ -6,7 +6,7 @@
 
 use core::arch::aarch64::*;
 
-use super::{scalar, with_scalar_ends, Accumulated, Update};
+use super::{scalar, with_scalar_ends, Accumulated, Ptrs, Update};
 use crate::feedback::Momentum;
 
 const LANES: usize = 4;
@@ -29,27 +29,7 @@ pub fn accumulate(
     let at = gather_at.unwrap_or(0);
     let simd = |upd: Update<'_>, g: &[f32], list: &mut [u32], base: u32| {
         let body = g.len();
-        let p = match upd {
-            Update::InPlace { r, u } => {
-                let (rp, up) = (r.as_mut_ptr(), u.as_mut_ptr());
-                Ptrs {
-                    r: rp,
-                    u: up,
-                    g: g.as_ptr(),
-                    r_new: rp,
-                    u_new: up,
-                }
-            }
-            Update::Into {
-                r, u, r_new, u_new, ..
-            } => Ptrs {
-                r: r.as_ptr(),
-                u: u.as_ptr(),
-                g: g.as_ptr(),
-                r_new: r_new.as_mut_ptr(),
-                u_new: u_new.as_mut_ptr(),
-            },
-        };
+        let p = Ptrs::new(upd, g, None);
         // SAFETY: NEON is always present on aarch64; `with_scalar_ends` passes a part whose
         // slices (r, g, r_new, and u, u_new with momentum) all hold `body` elements, a
         // multiple of BLOCK. Out of place, the old state (shared borrows) and the new
@@ -68,15 +48,6 @@ pub fn accumulate(
         }
     };
     with_scalar_ends(rule, upd, g, gather_at, list, base, 0, BLOCK, simd)
-}
-
-/// Where one accumulation body reads and writes (`r == r_new`, `u == u_new` in place).
-struct Ptrs {
-    r: *const f32,
-    u: *const f32,
-    g: *const f32,
-    r_new: *mut f32,
-    u_new: *mut f32,
 }
 
 /// Pushes `base + i + j` for every `mags[j] >= at`, in index order (the scalar kernel's).

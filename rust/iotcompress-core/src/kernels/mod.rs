@@ -320,6 +320,61 @@ impl<'a> Update<'a> {
     }
 }
 
+/// Where one SIMD accumulation body reads and writes (`r == r_new`, `u == u_new` in place).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+struct Ptrs {
+    r: *const f32,
+    u: *const f32,
+    g: *const f32,
+    r_new: *mut f32,
+    u_new: *mut f32,
+    /// Non-temporal stores into `r_new` (`u_new`): aligned and not read back by the body.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    stream_r: bool,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    stream_u: bool,
+}
+
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+impl Ptrs {
+    /// The pointers of `upd` and `g`. With `stream_align`, an [`Update::Into`] that asks to
+    /// stream does so into each new slice that starts at a multiple of that many bytes.
+    fn new(upd: Update<'_>, g: &[f32], stream_align: Option<usize>) -> Ptrs {
+        let streams = |x: &[f32], stream: bool| {
+            stream && stream_align.is_some_and(|a| (x.as_ptr() as usize).is_multiple_of(a))
+        };
+        match upd {
+            Update::InPlace { r, u } => {
+                let (rp, up) = (r.as_mut_ptr(), u.as_mut_ptr());
+                Ptrs {
+                    r: rp,
+                    u: up,
+                    g: g.as_ptr(),
+                    r_new: rp,
+                    u_new: up,
+                    stream_r: false,
+                    stream_u: false,
+                }
+            }
+            Update::Into {
+                r,
+                u,
+                r_new,
+                u_new,
+                stream,
+            } => Ptrs {
+                r: r.as_ptr(),
+                u: u.as_ptr(),
+                g: g.as_ptr(),
+                stream_r: streams(r_new, stream),
+                stream_u: streams(u_new, stream),
+                r_new: r_new.as_mut_ptr(),
+                u_new: u_new.as_mut_ptr(),
+            },
+        }
+    }
+}
+
 impl Accumulated {
     /// The result of one pass over this part followed by `next`.
     fn then(self, next: Accumulated) -> Accumulated {

@@ -6,7 +6,7 @@
 
 use core::arch::x86_64::*;
 
-use super::{scalar, with_scalar_ends, Accumulated, Update};
+use super::{scalar, with_scalar_ends, Accumulated, Ptrs, Update};
 use crate::feedback::Momentum;
 use crate::quant::{Quant, Quantizer};
 
@@ -50,35 +50,7 @@ pub fn accumulate(
     };
     let simd = |upd: Update<'_>, g: &[f32], list: &mut [u32], base: u32| {
         let body = g.len();
-        let p = match upd {
-            Update::InPlace { r, u } => {
-                let (rp, up) = (r.as_mut_ptr(), u.as_mut_ptr());
-                Ptrs {
-                    r: rp,
-                    u: up,
-                    g: g.as_ptr(),
-                    r_new: rp,
-                    u_new: up,
-                    stream_r: false,
-                    stream_u: false,
-                }
-            }
-            Update::Into {
-                r,
-                u,
-                r_new,
-                u_new,
-                stream,
-            } => Ptrs {
-                r: r.as_ptr(),
-                u: u.as_ptr(),
-                g: g.as_ptr(),
-                stream_r: stream && aligned(r_new),
-                stream_u: stream && aligned(u_new),
-                r_new: r_new.as_mut_ptr(),
-                u_new: u_new.as_mut_ptr(),
-            },
-        };
+        let p = Ptrs::new(upd, g, Some(STREAM_ALIGN));
         // SAFETY: the caller (`super::accumulate`) checked that the CPU has AVX2;
         // `with_scalar_ends` passes a part whose slices (r, g, r_new, and u, u_new with
         // momentum) all hold `body` elements, a multiple of BLOCK; `r_new`/`u_new` are
@@ -98,23 +70,6 @@ pub fn accumulate(
         }
     };
     with_scalar_ends(rule, upd, g, gather_at, list, base, head, BLOCK, simd)
-}
-
-/// Whether `x` starts at a multiple of `STREAM_ALIGN` bytes.
-fn aligned(x: &[f32]) -> bool {
-    x.as_ptr() as usize & (STREAM_ALIGN - 1) == 0
-}
-
-/// Where one accumulation body reads and writes (`r == r_new`, `u == u_new` in place).
-struct Ptrs {
-    r: *const f32,
-    u: *const f32,
-    g: *const f32,
-    r_new: *mut f32,
-    u_new: *mut f32,
-    /// Non-temporal stores into `r_new` (`u_new`): 32-byte aligned and not read back here.
-    stream_r: bool,
-    stream_u: bool,
 }
 
 /// Stores eight floats at `p`, bypassing the cache when `stream`.
