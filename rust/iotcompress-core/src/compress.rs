@@ -332,18 +332,45 @@ impl Compressor {
         let mut cost = IndexCost::new();
         let mut nnz = 0usize;
         let mut min_mag = u32::MAX;
-        for_each_picked(picked, scratch, residual, |i, v| {
-            let v = *v;
-            cost.push(i);
-            nnz += 1;
-            min_mag = min_mag.min(mag_bits(v));
+        // A sum of |v| over parts would round differently: it stays on one thread.
+        let split = picked_split(passes, picked, scratch).filter(|_| !need_abs);
+        if let Some((list, part)) = split {
+            for &i in list {
+                cost.push(i as usize);
+            }
+            nnz = list.len();
+            let r = &*residual;
+            // Per part: (its entries, largest magnitude, smallest magnitude).
+            let mut parts = [(&[][..], 0u32, u32::MAX); PICKED_PARTS];
+            let used = list.chunks(part).len();
+            for (slot, entries) in parts.iter_mut().zip(list.chunks(part)) {
+                slot.0 = entries;
+            }
+            passes.each(&mut parts[..used], |(entries, max, min)| {
+                for v in entries.iter().filter_map(|&i| r.get(i as usize)) {
+                    *max = (*max).max(mag_bits(*v));
+                    *min = (*min).min(mag_bits(*v));
+                }
+            });
+            min_mag = parts.iter().map(|p| p.2).min().unwrap_or(u32::MAX);
             if need_max {
-                stats.max_abs = stats.max_abs.max(abs(v));
+                // Magnitude bits order as the magnitudes do (v is finite here).
+                stats.max_abs = f32::from_bits(parts.iter().map(|p| p.1).max().unwrap_or(0));
             }
-            if need_abs {
-                stats.sum_abs += abs(v) as f64;
-            }
-        });
+        } else {
+            for_each_picked(picked, scratch, residual, |i, v| {
+                let v = *v;
+                cost.push(i);
+                nnz += 1;
+                min_mag = min_mag.min(mag_bits(v));
+                if need_max {
+                    stats.max_abs = stats.max_abs.max(abs(v));
+                }
+                if need_abs {
+                    stats.sum_abs += abs(v) as f64;
+                }
+            });
+        }
         let (index, index_len) = cost.choose(n);
         let scale = cfg.quant.scale(&stats, nnz);
         let stream = if cfg.quant.is_stochastic() {
@@ -374,20 +401,40 @@ impl Compressor {
         // Pass 2: write index and value codes, leave the quantisation error in the residual.
         let q = Quantizer::new(cfg.quant, scale, stream);
         let mut indices = IndexWriter::new(index, index_region);
-        let mut values = ValueWriter::new(cfg.quant, values_region);
         let mask_velocity = cfg.momentum.has_velocity();
-        for_each_picked(picked, scratch, residual, |i, v| {
-            let code = q.encode(*v, i as u32);
-            indices.push(i);
-            values.push(code);
-            *v -= q.decode(code);
-            if mask_velocity {
-                if let Some(u) = velocity.get_mut(i) {
-                    *u = 0.0;
-                }
+        let velocity = if mask_velocity { velocity } else { &mut [][..] };
+        let values_ok = if let Some((list, part)) = split {
+            for &i in list {
+                indices.push(i as usize);
             }
-        });
-        if !indices.finish() || !values.finish() {
+            let mut jobs = split_values(list, part, cfg.quant, residual, velocity, values_region);
+            let used = list.chunks(part).len();
+            passes.each(&mut jobs[..used], |job| {
+                let mut values = ValueWriter::new(cfg.quant, core::mem::take(&mut job.values));
+                for &i in job.entries {
+                    let at = i as usize - job.first;
+                    if let Some(v) = job.r.get_mut(at) {
+                        emit_value(&q, &mut values, i, v);
+                    }
+                    if let Some(u) = job.u.get_mut(at) {
+                        *u = 0.0; // factor masking
+                    }
+                }
+                job.ok = values.finish();
+            });
+            jobs[..used].iter().all(|j| j.ok)
+        } else {
+            let mut values = ValueWriter::new(cfg.quant, values_region);
+            for_each_picked(picked, scratch, residual, |i, v| {
+                indices.push(i);
+                emit_value(&q, &mut values, i as u32, v);
+                if let Some(u) = velocity.get_mut(i) {
+                    *u = 0.0; // factor masking
+                }
+            });
+            values.finish()
+        };
+        if !indices.finish() || !values_ok {
             return Err(Error::BufferTooSmall);
         }
         let crc = crc32c(&out[..total - CHECKSUM_LEN]);
@@ -701,7 +748,7 @@ impl Compressor {
             });
         }
         if count > k {
-            count = trim_candidates(r, &mut list[..count], cand_mags, Some(sample), k);
+            count = trim_candidates(passes, r, &mut list[..count], cand_mags, Some(sample), k);
         }
         Ok(Picked::List {
             start: plan.sample,
@@ -714,6 +761,7 @@ impl Compressor {
 /// order; returns how many remain. `mags` needs `list.len()` words; `in_order`, when it has
 /// room, saves reading `r` at random places a second time. `k < list.len()`.
 fn trim_candidates(
+    passes: Passes,
     r: &[f32],
     list: &mut [u32],
     mags: &mut [u32],
@@ -721,9 +769,18 @@ fn trim_candidates(
     k: usize,
 ) -> usize {
     let count = list.len();
-    for (d, &i) in mags.iter_mut().zip(list.iter()) {
-        *d = mag_bits(r[i as usize]);
-    }
+    // Random reads wait on memory latency: threads keep more of them in flight.
+    let candidates = &*list;
+    passes.for_parts(
+        &mut mags[..count],
+        64,
+        MIN_PICKED_PER_PART,
+        |offset, part| {
+            for (d, &i) in part.iter_mut().zip(&candidates[offset..]) {
+                *d = mag_bits(r[i as usize]);
+            }
+        },
+    );
     // The selection reorders the magnitudes; keep them in list order too.
     let in_order = in_order.and_then(|o| o.get_mut(..count)).map(|copy| {
         copy.copy_from_slice(&mags[..count]);
@@ -766,7 +823,7 @@ fn keep_largest(
             if most == 0 {
                 Picked::List { start: 0, len: 0 }
             } else if rest.len() >= len {
-                let kept = trim_candidates(r, list, rest, None, most);
+                let kept = trim_candidates(passes, r, list, rest, None, most);
                 Picked::List {
                     start: 0,
                     len: kept,
@@ -809,6 +866,93 @@ fn exact_top_k(passes: Passes, r: &[f32], mags: &mut [u32], k: usize) -> Picked 
             limit: usize::MAX,
         }
     }
+}
+
+/// At most this many parts for the passes over the picked entries.
+const PICKED_PARTS: usize = 16;
+/// Fewer picked entries than this per part stay on one thread.
+const MIN_PICKED_PER_PART: usize = 4096;
+/// Parts start on multiples of this many entries, so every part's value codes start on a
+/// byte: 8 codes of any width, or 5 ternary digits, fill whole bytes.
+const PICKED_ALIGN: usize = 40;
+
+/// The picked list and its part length when the passes over the picked entries are worth
+/// splitting over threads (a long list, more than one thread); `None` otherwise.
+fn picked_split(passes: Passes, picked: Picked, scratch: &[u32]) -> Option<(&[u32], usize)> {
+    let Picked::List { start, len } = picked else {
+        return None;
+    };
+    let parts = passes
+        .threads
+        .min(PICKED_PARTS)
+        .min(len / MIN_PICKED_PER_PART);
+    let list = scratch.get(start..start + len)?;
+    (parts > 1).then(|| (list, len.div_ceil(parts).next_multiple_of(PICKED_ALIGN)))
+}
+
+/// One part of pass 2: its entries, and the parts of the residual, velocity and value block
+/// they alone touch (the list is increasing, so each part's indices form one range).
+#[derive(Default)]
+struct ValuesJob<'a> {
+    entries: &'a [u32],
+    /// The index of `r[0]` and `u[0]`.
+    first: usize,
+    r: &'a mut [f32],
+    u: &'a mut [f32],
+    values: &'a mut [u8],
+    ok: bool,
+}
+
+/// Splits the residual, velocity (empty, or as long as the residual) and value block
+/// along the parts of `list` (of `part` entries, a multiple of [`PICKED_ALIGN`]).
+fn split_values<'a>(
+    list: &'a [u32],
+    part: usize,
+    quant: Quant,
+    mut r: &'a mut [f32],
+    mut u: &'a mut [f32],
+    mut values: &'a mut [u8],
+) -> [ValuesJob<'a>; PICKED_PARTS] {
+    let code_bytes = |entries: usize| match quant {
+        Quant::Ternary => entries / 5,
+        q => entries * q.code_bits() as usize / 8,
+    };
+    let mut jobs: [ValuesJob<'a>; PICKED_PARTS] = Default::default();
+    let mut first = 0;
+    for (j, (job, entries)) in jobs.iter_mut().zip(list.chunks(part)).enumerate() {
+        // The next part's first index ends this part's range; the last part takes the rest.
+        let (r_len, v_len) = match list.get((j + 1) * part) {
+            Some(&next) => (next as usize - first, code_bytes(entries.len())),
+            None => (r.len(), values.len()),
+        };
+        let (r_at, u_at, v_at) = (
+            r_len.min(r.len()),
+            r_len.min(u.len()),
+            v_len.min(values.len()),
+        );
+        let (r_part, r_rest) = core::mem::take(&mut r).split_at_mut(r_at);
+        let (u_part, u_rest) = core::mem::take(&mut u).split_at_mut(u_at);
+        let (v_part, v_rest) = core::mem::take(&mut values).split_at_mut(v_at);
+        *job = ValuesJob {
+            entries,
+            first,
+            r: r_part,
+            u: u_part,
+            values: v_part,
+            ok: true,
+        };
+        (r, u, values) = (r_rest, u_rest, v_rest);
+        first += r_len;
+    }
+    jobs
+}
+
+/// Writes the code of `*v` and leaves the quantisation error in `v`.
+#[inline(always)]
+fn emit_value(q: &Quantizer, values: &mut ValueWriter<'_>, index: u32, v: &mut f32) {
+    let code = q.encode(*v, index);
+    values.push(code);
+    *v -= q.decode(code);
 }
 
 /// Calls `f(index, &mut v)` for each picked entry in increasing index order.

@@ -323,9 +323,25 @@ fn threads_give_the_same_messages() {
         exact: false,
     });
     sels.push(Selection::Adaptive(Target::Bytes(900)));
+    // The 5 % selections pick about 9,900 entries: enough for the passes over the picked
+    // entries to split over two threads too. One of them runs every code width, so that
+    // each part's value codes are seen to start on a byte of their own.
+    let every_quant = [
+        Quant::Int8,
+        Quant::F32,
+        Quant::Sign,
+        Quant::F16,
+        Quant::Int4,
+        Quant::Ternary,
+        Quant::Qsgd { levels: 5 },
+    ];
     for selection in sels {
+        let quants = match selection {
+            Selection::Adaptive(Target::Density(_)) => &every_quant[..],
+            _ => &every_quant[..3],
+        };
         for rule in momenta() {
-            for quant in [Quant::Int8, Quant::F32, Quant::Sign] {
+            for &quant in quants {
                 let config = Config {
                     quant,
                     momentum: rule,

@@ -585,9 +585,14 @@ impl Passes {
             if t > 1 {
                 let part = data.len().div_ceil(t).next_multiple_of(align.max(1));
                 let f = &f;
-                std::thread::scope(|s| {
-                    for (j, chunk) in data.chunks_mut(part).enumerate() {
-                        s.spawn(move || f(j * part, chunk));
+                let mut chunks = data.chunks_mut(part).enumerate();
+                rayon::in_place_scope(|s| {
+                    let first = chunks.next();
+                    for (j, chunk) in chunks {
+                        s.spawn(move |_| f(j * part, chunk));
+                    }
+                    if let Some((_, chunk)) = first {
+                        f(0, chunk);
                     }
                 });
                 return;
@@ -595,6 +600,24 @@ impl Passes {
         }
         let _ = (align, min_part);
         f(0, data)
+    }
+
+    /// Calls `f` on every item, the items on up to `threads` threads (the first on the
+    /// calling thread); in turn on one thread, or without `std`.
+    pub fn each<T: Send>(&self, items: &mut [T], f: impl Fn(&mut T) + Sync) {
+        #[cfg(feature = "std")]
+        if self.threads > 1 && items.len() > 1 {
+            let f = &f;
+            let (first, rest) = items.split_at_mut(1);
+            rayon::in_place_scope(|s| {
+                for item in rest {
+                    s.spawn(move |_| f(item));
+                }
+                first.iter_mut().for_each(f);
+            });
+            return;
+        }
+        items.iter_mut().for_each(f)
     }
 
     /// Read-only gather over `x` into `list` (indices from 0).

@@ -1,6 +1,9 @@
 //! Whole-tensor passes split over threads (feature `std`). Each thread runs the same kernel
 //! on a contiguous part; results are merged in index order, so the output is identical to
 //! one thread's.
+//!
+//! The parts run on rayon's persistent pool, the first on the calling thread: spawning
+//! threads for every pass cost about 90 µs a pass on a 2-core VM, 1.5 % of a 6 ms compress.
 
 use super::{accumulate, gather, max_mag, Accumulated, Level, Update};
 use crate::feedback::Momentum;
@@ -38,12 +41,13 @@ pub fn accumulate_par(
     let share = list.len() / parts;
     let mut seen = [Accumulated::default(); MAX_THREADS];
     let seen = &mut seen[..parts];
-    std::thread::scope(|s| {
+    rayon::in_place_scope(|s| {
         let (mut u_rest, _) = upd.reborrow().split_at(n, rule);
         let mut g_rest = &g[..n];
         let mut l_rest = &mut *list;
         let mut results = seen.iter_mut();
         let mut start = 0usize;
+        let mut first = None;
         while !g_rest.is_empty() {
             let len = part.min(g_rest.len());
             let (up, ur) = u_rest.split_at(len, rule);
@@ -52,9 +56,16 @@ pub fn accumulate_par(
             let Some(slot) = results.next() else { break };
             let base = start as u32;
             // Each thread's kernel fences its own non-temporal stores before it returns.
-            s.spawn(move || *slot = accumulate(level, rule, up, gp, gather_at, lp, base));
+            if first.is_none() {
+                first = Some((slot, up, gp, lp));
+            } else {
+                s.spawn(move |_| *slot = accumulate(level, rule, up, gp, gather_at, lp, base));
+            }
             (u_rest, g_rest, l_rest) = (ur, gr, lr);
             start += len;
+        }
+        if let Some((slot, up, gp, lp)) = first {
+            *slot = accumulate(level, rule, up, gp, gather_at, lp, 0);
         }
     });
     let count: usize = seen.iter().map(|a| a.count).sum();
@@ -83,17 +94,13 @@ pub fn max_mag_par(level: Level, threads: usize, x: &[f32]) -> u32 {
     let Some(part) = part_len(x.len(), threads) else {
         return max_mag(level, x);
     };
-    std::thread::scope(|s| {
-        let handles: [_; MAX_THREADS] = core::array::from_fn(|j| {
-            let p = x.get(j * part..((j + 1) * part).min(x.len()));
-            p.filter(|p| !p.is_empty())
-                .map(|p| s.spawn(move || max_mag(level, p)))
-        });
-        handles
-            .into_iter()
-            .flatten()
-            .map(|h| h.join().unwrap_or(u32::MAX))
-            .max()
-            .unwrap_or(0)
-    })
+    let mut seen = [0u32; MAX_THREADS];
+    rayon::in_place_scope(|s| {
+        let (first, rest) = seen.split_at_mut(1);
+        for (slot, p) in rest.iter_mut().zip(x.chunks(part).skip(1)) {
+            s.spawn(move |_| *slot = max_mag(level, p));
+        }
+        first[0] = max_mag(level, &x[..part.min(x.len())]);
+    });
+    seen.into_iter().max().unwrap_or(0)
 }
