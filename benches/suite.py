@@ -22,10 +22,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+# torch's OpenMP workers spin for milliseconds after each parallel op (libgomp's default)
+# and hold the core that the next step's threads need: two-thread compress timed right
+# after a two-thread torch.add ran slower than one thread. Passive workers sleep at once.
+# It has to be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import iotcompress as ic
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import iotcompress as ic  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
@@ -258,7 +264,7 @@ def headline(repeat: int) -> str:
         "one_mom": stepper(n, g, **momentum),
         "two_mom": stepper(n, g, threads=2, **momentum),
     }
-    rounds = max(9, 2 * repeat)
+    rounds = max(9, 8 * repeat)
     t = paired(steps, rounds)
     best = {k: min(v) for k, v in t.items()}
     # Per round: the ratio of two steps timed back to back; the median over rounds.

@@ -5,7 +5,7 @@
 //! runs without a heap. [`crate::OwnedCompressor`] (feature `alloc`) owns them instead.
 
 use crate::feedback::{accumulate_one, Momentum};
-use crate::float::{abs, ceil_usize, mag_bits};
+use crate::float::{ceil_usize, mag_bits};
 use crate::kernels::{prefetch, Passes, Update};
 use crate::quant::{Quant, Quantizer, ValueStats};
 use crate::rng::{self, Purpose};
@@ -194,10 +194,12 @@ pub struct Compressor {
 #[derive(Clone, Copy, Debug)]
 enum Picked {
     All,
-    /// Indices in `scratch[start..start + len]`, increasing.
+    /// Indices in `scratch[start..start + len]`, increasing; with `mags: Some(m)`, their
+    /// magnitude bits in `scratch[m..m + len]` (a pass over them reads no residual).
     List {
         start: usize,
         len: usize,
+        mags: Option<usize>,
     },
     /// `|v| > above`, or `|v| == above` for the first `ties` such, at most `limit` in all.
     Scan {
@@ -327,50 +329,53 @@ impl Compressor {
         }
 
         // Pass 1 over the picked entries: value statistics and the exact index costs.
-        let (need_max, need_abs) = cfg.quant.needs();
-        let mut stats = ValueStats::default();
+        let need_abs = cfg.quant.needs().1;
+        let mut mags = MagStats::new();
         let mut cost = IndexCost::new();
-        let mut nnz = 0usize;
-        let mut min_mag = u32::MAX;
-        // A sum of |v| over parts would round differently: it stays on one thread.
-        let split = picked_split(passes, picked, scratch).filter(|_| !need_abs);
-        if let Some((list, part)) = split {
-            for &i in list {
-                cost.push(i as usize);
+        let split = picked_split(passes, picked, scratch);
+        match (picked, split) {
+            (
+                Picked::List {
+                    start,
+                    len,
+                    mags: Some(m),
+                },
+                _,
+            ) => {
+                // The selection left the magnitudes in list order: no residual reads.
+                scratch[start..start + len]
+                    .iter()
+                    .for_each(|&i| cost.push(i as usize));
+                scratch[m..m + len]
+                    .iter()
+                    .for_each(|&mag| mags.push(mag, need_abs));
             }
-            nnz = list.len();
-            let r = &*residual;
-            // Per part: (its entries, largest magnitude, smallest magnitude).
-            let mut parts = [(&[][..], 0u32, u32::MAX); PICKED_PARTS];
-            let used = list.chunks(part).len();
-            for (slot, entries) in parts.iter_mut().zip(list.chunks(part)) {
-                slot.0 = entries;
-            }
-            passes.each(&mut parts[..used], |(entries, max, min)| {
-                for v in entries.iter().filter_map(|&i| r.get(i as usize)) {
-                    *max = (*max).max(mag_bits(*v));
-                    *min = (*min).min(mag_bits(*v));
+            // A sum of |v| over parts would round differently: it stays on one thread.
+            (_, Some((list, part))) if !need_abs => {
+                list.iter().for_each(|&i| cost.push(i as usize));
+                let r = &*residual;
+                let mut parts = [(&[][..], MagStats::new()); PICKED_PARTS];
+                for (slot, entries) in parts.iter_mut().zip(list.chunks(part)) {
+                    slot.0 = entries;
                 }
-            });
-            min_mag = parts.iter().map(|p| p.2).min().unwrap_or(u32::MAX);
-            if need_max {
-                // Magnitude bits order as the magnitudes do (v is finite here).
-                stats.max_abs = f32::from_bits(parts.iter().map(|p| p.1).max().unwrap_or(0));
+                passes.each(&mut parts[..list.chunks(part).len()], |(entries, part)| {
+                    for v in entries.iter().filter_map(|&i| r.get(i as usize)) {
+                        part.push(mag_bits(*v), false);
+                    }
+                });
+                parts.iter().for_each(|(_, part)| mags.merge(part));
             }
-        } else {
-            for_each_picked(picked, scratch, residual, |i, v| {
-                let v = *v;
+            _ => for_each_picked(picked, scratch, residual, |i, v| {
                 cost.push(i);
-                nnz += 1;
-                min_mag = min_mag.min(mag_bits(v));
-                if need_max {
-                    stats.max_abs = stats.max_abs.max(abs(v));
-                }
-                if need_abs {
-                    stats.sum_abs += abs(v) as f64;
-                }
-            });
+                mags.push(mag_bits(*v), need_abs);
+            }),
         }
+        let (nnz, min_mag) = (mags.count, mags.min);
+        let stats = ValueStats {
+            // Magnitude bits order as the magnitudes do (v is finite here).
+            max_abs: f32::from_bits(mags.max),
+            sum_abs: mags.sum_abs,
+        };
         let (index, index_len) = cost.choose(n);
         let scale = cfg.quant.scale(&stats, nnz);
         let stream = if cfg.quant.is_stochastic() {
@@ -607,7 +612,15 @@ impl Compressor {
                     Ok((picked, k, Some(crossed)))
                 } else if k == 0 {
                     st.accumulate(passes, m, g, None, &mut [])?;
-                    Ok((Picked::List { start: 0, len: 0 }, 0, None))
+                    Ok((
+                        Picked::List {
+                            start: 0,
+                            len: 0,
+                            mags: None,
+                        },
+                        0,
+                        None,
+                    ))
                 } else {
                     Ok((self.top_k(passes, st, g, scratch, k, false)?, k, None))
                 }
@@ -636,6 +649,7 @@ impl Compressor {
             Picked::List {
                 start: 0,
                 len: count,
+                mags: None,
             }
         } else {
             // `limit` is the count: every entry at or above `t`.
@@ -661,7 +675,11 @@ impl Compressor {
         let plan = SamplePlan::new(n, k);
         if k == 0 {
             st.accumulate(passes, m, g, None, &mut [])?;
-            return Ok(Picked::List { start: 0, len: 0 });
+            return Ok(Picked::List {
+                start: 0,
+                len: 0,
+                mags: None,
+            });
         }
         if plan.exact {
             st.accumulate(passes, m, g, None, &mut [])?;
@@ -747,19 +765,25 @@ impl Compressor {
                 limit: k,
             });
         }
+        let mut mags = None;
         if count > k {
-            count = trim_candidates(passes, r, &mut list[..count], cand_mags, Some(sample), k);
+            let (kept, in_order) =
+                trim_candidates(passes, r, &mut list[..count], cand_mags, Some(sample), k);
+            count = kept;
+            mags = in_order.then_some(0); // the sample's place
         }
         Ok(Picked::List {
             start: plan.sample,
             len: count,
+            mags,
         })
     }
 }
 
 /// Keeps the `k` largest magnitudes of the candidates in `list` (ties: lower index), in
 /// order; returns how many remain. `mags` needs `list.len()` words; `in_order`, when it has
-/// room, saves reading `r` at random places a second time. `k < list.len()`.
+/// room, saves reading `r` at random places a second time and ends holding the kept
+/// entries' magnitudes in list order (then the second result is true). `k < list.len()`.
 fn trim_candidates(
     passes: Passes,
     r: &[f32],
@@ -767,7 +791,7 @@ fn trim_candidates(
     mags: &mut [u32],
     in_order: Option<&mut [u32]>,
     k: usize,
-) -> usize {
+) -> (usize, bool) {
     let count = list.len();
     // Random reads wait on memory latency: threads keep more of them in flight.
     let candidates = &*list;
@@ -782,16 +806,16 @@ fn trim_candidates(
         },
     );
     // The selection reorders the magnitudes; keep them in list order too.
-    let in_order = in_order.and_then(|o| o.get_mut(..count)).map(|copy| {
+    let mut in_order = in_order.and_then(|o| o.get_mut(..count));
+    if let Some(copy) = &mut in_order {
         copy.copy_from_slice(&mags[..count]);
-        &*copy
-    });
+    }
     let (tk, greater) = kth_largest(&mut mags[..count], k);
     let mut ties = k - greater;
     let mut kept = 0;
     for j in 0..count {
         let i = list[j];
-        let mag = match in_order {
+        let mag = match &in_order {
             Some(mags) => mags[j],
             None => mag_bits(r[i as usize]),
         };
@@ -801,10 +825,13 @@ fn trim_candidates(
         }
         if keep {
             list[kept] = i;
+            if let Some(mags) = &mut in_order {
+                mags[kept] = mag; // kept <= j: that slot was read already
+            }
             kept += 1;
         }
     }
-    kept
+    (kept, in_order.is_some())
 }
 
 /// At most `most` of the picked entries: the largest (ties: lower index) when the
@@ -818,15 +845,23 @@ fn keep_largest(
     most: usize,
 ) -> Picked {
     match picked {
-        Picked::List { start: 0, len } if len > most => {
+        Picked::List { start: 0, len, .. } if len > most => {
             let (list, rest) = scratch.split_at_mut(len);
             if most == 0 {
-                Picked::List { start: 0, len: 0 }
+                Picked::List {
+                    start: 0,
+                    len: 0,
+                    mags: None,
+                }
             } else if rest.len() >= len {
-                let kept = trim_candidates(passes, r, list, rest, None, most);
+                // With room, the kept magnitudes stay in list order after the work area.
+                let (work, in_order) = rest.split_at_mut(len);
+                let in_order = Some(in_order).filter(|o| o.len() >= len);
+                let (kept, in_order) = trim_candidates(passes, r, list, work, in_order, most);
                 Picked::List {
                     start: 0,
                     len: kept,
+                    mags: in_order.then_some(2 * len),
                 }
             } else {
                 exact_top_k(passes, r, &mut scratch[..r.len()], most)
@@ -868,6 +903,44 @@ fn exact_top_k(passes: Passes, r: &[f32], mags: &mut [u32], k: usize) -> Picked 
     }
 }
 
+/// Statistics of the picked magnitudes (as bits) for the scale and the controller.
+#[derive(Clone, Copy)]
+struct MagStats {
+    count: usize,
+    max: u32,
+    min: u32,
+    /// Σ |v| in list order (only when the quantiser needs it).
+    sum_abs: f64,
+}
+
+impl MagStats {
+    const fn new() -> Self {
+        MagStats {
+            count: 0,
+            max: 0,
+            min: u32::MAX,
+            sum_abs: 0.0,
+        }
+    }
+
+    #[inline(always)]
+    fn push(&mut self, mag: u32, sum: bool) {
+        self.count += 1;
+        self.max = self.max.max(mag);
+        self.min = self.min.min(mag);
+        if sum {
+            self.sum_abs += f32::from_bits(mag) as f64;
+        }
+    }
+
+    /// Adds the statistics of the entries after these (the sums are not merged).
+    fn merge(&mut self, next: &MagStats) {
+        self.count += next.count;
+        self.max = self.max.max(next.max);
+        self.min = self.min.min(next.min);
+    }
+}
+
 /// At most this many parts for the passes over the picked entries.
 const PICKED_PARTS: usize = 16;
 /// Fewer picked entries than this per part stay on one thread.
@@ -879,7 +952,7 @@ const PICKED_ALIGN: usize = 40;
 /// The picked list and its part length when the passes over the picked entries are worth
 /// splitting over threads (a long list, more than one thread); `None` otherwise.
 fn picked_split(passes: Passes, picked: Picked, scratch: &[u32]) -> Option<(&[u32], usize)> {
-    let Picked::List { start, len } = picked else {
+    let Picked::List { start, len, .. } = picked else {
         return None;
     };
     let parts = passes
@@ -969,7 +1042,7 @@ fn for_each_picked(
                 f(i, v);
             }
         }
-        Picked::List { start, len } => {
+        Picked::List { start, len, .. } => {
             for &i in scratch.get(start..start + len).unwrap_or(&[]) {
                 if let Some(v) = r.get_mut(i as usize) {
                     f(i as usize, v);

@@ -570,3 +570,74 @@ fn accumulate_double_buffered_equals_in_place() {
         assert!(overflowed);
     }
 }
+
+/// The message scale and the calibrated threshold are exactly the statistics of the values
+/// sent, whichever way the selection picked them (trimmed candidates whose magnitudes it
+/// kept, a list read back from the residual, a scan), on one thread or split over two.
+#[test]
+fn scale_is_the_statistic_of_the_sent_values() {
+    let n = 200_000;
+    let mut rng = TestRng(5);
+    let (g1, g2) = (rng.normals(n, 1e-2), rng.normals(n, 1e-2));
+    let selections = [
+        Selection::TopK {
+            density: 0.001,
+            exact: false,
+        },
+        Selection::TopK {
+            density: 0.05,
+            exact: false,
+        },
+        Selection::TopK {
+            density: 0.05,
+            exact: true,
+        },
+        Selection::Threshold(0.02),
+        Selection::Adaptive(Target::Density(0.05)),
+        Selection::Adaptive(Target::Bytes(3000)),
+    ];
+    let quants = [
+        Quant::Int8,
+        Quant::Int4,
+        Quant::Sign,
+        Quant::Ternary,
+        Quant::Qsgd { levels: 5 },
+    ];
+    for selection in selections {
+        for quant in quants {
+            for threads in [1, 2] {
+                let case = format!("{selection:?} {quant:?} x{threads}");
+                let mut c = compressor(config(selection, quant, Momentum::None, 1), n);
+                c.set_threads(threads);
+                for (step, g) in [&g1, &g2].into_iter().enumerate() {
+                    // Without momentum the values are the residual plus the gradient.
+                    let v: Vec<f32> = c.residual().iter().zip(g).map(|(r, g)| r + g).collect();
+                    let msg = c.compress_to_vec(g).unwrap();
+                    let sent: Vec<f32> = entries(&msg).iter().map(|&(i, _)| v[i].abs()).collect();
+                    assert!(!sent.is_empty(), "{case}");
+                    let max = sent.iter().fold(0f32, |a, &b| a.max(b));
+                    let mean = sent.iter().map(|&a| a as f64).sum::<f64>() / sent.len() as f64;
+                    let scale = match quant {
+                        Quant::Int8 => max / 127.0,
+                        Quant::Int4 => max / 7.0,
+                        Quant::Sign => mean as f32,
+                        _ => max,
+                    };
+                    let header = iotcompress_core::parse(&msg, usize::MAX).unwrap().header;
+                    assert_eq!(
+                        header.scale.to_bits(),
+                        scale.to_bits(),
+                        "{case} step {step}"
+                    );
+                    if step == 0 {
+                        if let Selection::Adaptive(_) = selection {
+                            // Calibration: the smallest magnitude sent becomes Wt.
+                            let min = sent.iter().fold(f32::MAX, |a, &b| a.min(b));
+                            assert_eq!(c.core().controller.threshold, min, "{case}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
