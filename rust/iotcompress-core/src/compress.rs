@@ -359,8 +359,11 @@ impl Compressor {
                     slot.0 = entries;
                 }
                 passes.each(&mut parts[..list.chunks(part).len()], |(entries, part)| {
-                    for v in entries.iter().filter_map(|&i| r.get(i as usize)) {
-                        part.push(mag_bits(*v), false);
+                    for (j, &i) in entries.iter().enumerate() {
+                        prefetch_ahead(r, entries, j, 0);
+                        if let Some(v) = r.get(i as usize) {
+                            part.push(mag_bits(*v), false);
+                        }
                     }
                 });
                 parts.iter().for_each(|(_, part)| mags.merge(part));
@@ -408,15 +411,18 @@ impl Compressor {
         let mut indices = IndexWriter::new(index, index_region);
         let mask_velocity = cfg.momentum.has_velocity();
         let velocity = if mask_velocity { velocity } else { &mut [][..] };
-        let values_ok = if let Some((list, part)) = split {
-            for &i in list {
-                indices.push(i as usize);
-            }
+        let written = if let Some((list, part)) = split {
             let mut jobs = split_values(list, part, cfg.quant, residual, velocity, values_region);
+            // The index stream is written beside the first part's values.
+            jobs[0].index = Some(indices);
             let used = list.chunks(part).len();
             passes.each(&mut jobs[..used], |job| {
+                if let Some(indices) = &mut job.index {
+                    list.iter().for_each(|&i| indices.push(i as usize));
+                }
                 let mut values = ValueWriter::new(cfg.quant, core::mem::take(&mut job.values));
-                for &i in job.entries {
+                for (j, &i) in job.entries.iter().enumerate() {
+                    prefetch_ahead(job.r, job.entries, j, job.first);
                     let at = i as usize - job.first;
                     if let Some(v) = job.r.get_mut(at) {
                         emit_value(&q, &mut values, i, v);
@@ -427,7 +433,8 @@ impl Compressor {
                 }
                 job.ok = values.finish();
             });
-            jobs[..used].iter().all(|j| j.ok)
+            let indices_ok = jobs[0].index.take().is_some_and(IndexWriter::finish);
+            indices_ok && jobs[..used].iter().all(|j| j.ok)
         } else {
             let mut values = ValueWriter::new(cfg.quant, values_region);
             for_each_picked(picked, scratch, residual, |i, v| {
@@ -437,9 +444,9 @@ impl Compressor {
                     *u = 0.0; // factor masking
                 }
             });
-            values.finish()
+            indices.finish() && values.finish()
         };
-        if !indices.finish() || !values_ok {
+        if !written {
             return Err(Error::BufferTooSmall);
         }
         let crc = crc32c(&out[..total - CHECKSUM_LEN]);
@@ -800,7 +807,9 @@ fn trim_candidates(
         64,
         MIN_PICKED_PER_PART,
         |offset, part| {
-            for (d, &i) in part.iter_mut().zip(&candidates[offset..]) {
+            let list = &candidates[offset..];
+            for (j, (d, &i)) in part.iter_mut().zip(list).enumerate() {
+                prefetch_ahead(r, list, j, 0);
                 *d = mag_bits(r[i as usize]);
             }
         },
@@ -973,6 +982,8 @@ struct ValuesJob<'a> {
     r: &'a mut [f32],
     u: &'a mut [f32],
     values: &'a mut [u8],
+    /// The whole index stream, written by this part's thread too (the first part's).
+    index: Option<IndexWriter<'a>>,
     ok: bool,
 }
 
@@ -1012,12 +1023,26 @@ fn split_values<'a>(
             r: r_part,
             u: u_part,
             values: v_part,
+            index: None,
             ok: true,
         };
         (r, u, values) = (r_rest, u_rest, v_rest);
         first += r_len;
     }
     jobs
+}
+
+/// How far ahead of use the passes over picked entries fetch them: random reads of the
+/// residual wait on memory, and a loop body as long as pass 2's keeps few of them in
+/// flight by itself.
+const READ_AHEAD: usize = 16;
+
+/// Hints `x[list[j + READ_AHEAD] - first]` into cache.
+#[inline(always)]
+fn prefetch_ahead(x: &[f32], list: &[u32], j: usize, first: usize) {
+    if let Some(&i) = list.get(j + READ_AHEAD) {
+        prefetch(x, (i as usize).wrapping_sub(first));
+    }
 }
 
 /// Writes the code of `*v` and leaves the quantisation error in `v`.
@@ -1043,7 +1068,9 @@ fn for_each_picked(
             }
         }
         Picked::List { start, len, .. } => {
-            for &i in scratch.get(start..start + len).unwrap_or(&[]) {
+            let list = scratch.get(start..start + len).unwrap_or(&[]);
+            for (j, &i) in list.iter().enumerate() {
+                prefetch_ahead(r, list, j, 0);
                 if let Some(v) = r.get_mut(i as usize) {
                     f(i as usize, v);
                 }
