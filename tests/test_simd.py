@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -72,3 +75,39 @@ def test_threads_option_is_checked():
     c = ic.Compressor(10)
     c.threads = 4
     assert c.threads == 4
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX-only")
+def test_threads_work_in_a_forked_child():
+    # The worker pool's threads do not survive a fork (a DataLoader worker, a
+    # multiprocessing "fork" start): the child must make its own, not wait on the parent's.
+    g = (np.random.default_rng(1).standard_normal(N) * 1e-3).astype(np.float32)
+    parent = ic.Compressor(N, density=0.01, quant="int8", threads=2)
+    parent.compress(g)  # the pool exists now
+    expected = ic.Compressor(N, density=0.01, quant="int8").compress(g)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report the message, never return into pytest
+        try:
+            os.close(read)
+            msg = ic.Compressor(N, density=0.01, quant="int8", threads=2).compress(g)
+            os.write(write, msg)
+        finally:
+            os._exit(0)
+    os.close(write)
+    got = b""
+    deadline = time.monotonic() + 60
+    with os.fdopen(read, "rb", buffering=0) as pipe:
+        while True:
+            ready, _, _ = select.select([pipe], [], [], max(deadline - time.monotonic(), 0))
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail("the forked child hung, waiting on the parent's worker threads")
+            chunk = pipe.read(1 << 16)
+            if not chunk:
+                break
+            got += chunk
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert got == expected

@@ -581,18 +581,20 @@ impl Passes {
     ) {
         #[cfg(feature = "std")]
         {
-            let t = self.threads.min(data.len() / min_part.max(1));
+            let t = self
+                .threads
+                .min(parallel::MAX_THREADS)
+                .min(data.len() / min_part.max(1));
             if t > 1 {
                 let part = data.len().div_ceil(t).next_multiple_of(align.max(1));
-                let f = &f;
-                let mut chunks = data.chunks_mut(part).enumerate();
-                rayon::in_place_scope(|s| {
-                    let first = chunks.next();
-                    for (j, chunk) in chunks {
-                        s.spawn(move |_| f(j * part, chunk));
-                    }
-                    if let Some((_, chunk)) = first {
-                        f(0, chunk);
+                let used = data.len().div_ceil(part);
+                let mut parts: [_; parallel::MAX_THREADS] = core::array::from_fn(|_| (0, None));
+                for (j, (slot, chunk)) in parts.iter_mut().zip(data.chunks_mut(part)).enumerate() {
+                    *slot = (j * part, Some(chunk));
+                }
+                parallel::each(self.threads, &mut parts[..used], |(offset, chunk)| {
+                    if let Some(chunk) = chunk {
+                        f(*offset, chunk);
                     }
                 });
                 return;
@@ -606,17 +608,8 @@ impl Passes {
     /// calling thread); in turn on one thread, or without `std`.
     pub fn each<T: Send>(&self, items: &mut [T], f: impl Fn(&mut T) + Sync) {
         #[cfg(feature = "std")]
-        if self.threads > 1 && items.len() > 1 {
-            let f = &f;
-            let (first, rest) = items.split_at_mut(1);
-            rayon::in_place_scope(|s| {
-                for item in rest {
-                    s.spawn(move |_| f(item));
-                }
-                first.iter_mut().for_each(f);
-            });
-            return;
-        }
+        return parallel::each(self.threads, items, f);
+        #[cfg(not(feature = "std"))]
         items.iter_mut().for_each(f)
     }
 
