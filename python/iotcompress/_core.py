@@ -155,8 +155,11 @@ class Compressor:
     ``momentum``/``nesterov`` turn on DGC momentum correction with factor masking (use a
     plain SGD optimizer then). ``seed`` drives sampling and stochastic rounding: equal seeds
     and inputs give equal bytes on every platform. ``threads`` splits the passes over large
-    gradients (a few million elements and up) over that many cores; the messages do not
-    depend on it. A compressor may be shared between Python threads; their calls take turns.
+    gradients (a few million elements and up) over that many cores, on one worker pool per
+    process (a forked child makes its own); the messages do not depend on it. Next to torch
+    on the same cores, set ``OMP_WAIT_POLICY=PASSIVE``: torch's idle OpenMP workers otherwise
+    spin and take the cores these threads need. A compressor may be shared between Python
+    threads; their calls take turns.
 
     Memory: gradients of at least 2**23 (8,388,608) elements are double-buffered, each step writes the
     new residual (and velocity) into a second buffer and keeps it only when every value is
