@@ -353,20 +353,7 @@ impl Compressor {
             // A sum of |v| over parts would round differently: it stays on one thread.
             (_, Some((list, part))) if !need_abs => {
                 list.iter().for_each(|&i| cost.push(i as usize));
-                let r = &*residual;
-                let mut parts = [(&[][..], MagStats::new()); PICKED_PARTS];
-                for (slot, entries) in parts.iter_mut().zip(list.chunks(part)) {
-                    slot.0 = entries;
-                }
-                passes.each(&mut parts[..list.chunks(part).len()], |(entries, part)| {
-                    for (j, &i) in entries.iter().enumerate() {
-                        prefetch_ahead(r, entries, j, 0);
-                        if let Some(v) = r.get(i as usize) {
-                            part.push(mag_bits(*v), false);
-                        }
-                    }
-                });
-                parts.iter().for_each(|(_, part)| mags.merge(part));
+                mags = split_stats(passes, list, part, residual);
             }
             _ => for_each_picked(picked, scratch, residual, |i, v| {
                 cost.push(i);
@@ -412,29 +399,16 @@ impl Compressor {
         let mask_velocity = cfg.momentum.has_velocity();
         let velocity = if mask_velocity { velocity } else { &mut [][..] };
         let written = if let Some((list, part)) = split {
-            let mut jobs = split_values(list, part, cfg.quant, residual, velocity, values_region);
-            // The index stream is written beside the first part's values.
-            jobs[0].index = Some(indices);
-            let used = list.chunks(part).len();
-            passes.each(&mut jobs[..used], |job| {
-                if let Some(indices) = &mut job.index {
-                    list.iter().for_each(|&i| indices.push(i as usize));
-                }
-                let mut values = ValueWriter::new(cfg.quant, core::mem::take(&mut job.values));
-                for (j, &i) in job.entries.iter().enumerate() {
-                    prefetch_ahead(job.r, job.entries, j, job.first);
-                    let at = i as usize - job.first;
-                    if let Some(v) = job.r.get_mut(at) {
-                        emit_value(&q, &mut values, i, v);
-                    }
-                    if let Some(u) = job.u.get_mut(at) {
-                        *u = 0.0; // factor masking
-                    }
-                }
-                job.ok = values.finish();
-            });
-            let indices_ok = jobs[0].index.take().is_some_and(IndexWriter::finish);
-            indices_ok && jobs[..used].iter().all(|j| j.ok)
+            split_emit(
+                passes,
+                list,
+                part,
+                &q,
+                indices,
+                residual,
+                velocity,
+                values_region,
+            )
         } else {
             let mut values = ValueWriter::new(cfg.quant, values_region);
             for_each_picked(picked, scratch, residual, |i, v| {
@@ -964,6 +938,9 @@ fn picked_split(passes: Passes, picked: Picked, scratch: &[u32]) -> Option<(&[u3
     let Picked::List { start, len, .. } = picked else {
         return None;
     };
+    if cfg!(not(feature = "std")) {
+        return None; // one thread: the split would only cost stack
+    }
     let parts = passes
         .threads
         .min(PICKED_PARTS)
@@ -985,6 +962,67 @@ struct ValuesJob<'a> {
     /// The whole index stream, written by this part's thread too (the first part's).
     index: Option<IndexWriter<'a>>,
     ok: bool,
+}
+
+/// Pass 1's value statistics over parts of `list` (of `part` entries) on threads; without
+/// the sum of `|v|`. Out of line: its per-part state stays off the one-thread path's stack
+/// (2 KiB on a microcontroller).
+#[inline(never)]
+fn split_stats(passes: Passes, list: &[u32], part: usize, r: &[f32]) -> MagStats {
+    let mut parts = [(&[][..], MagStats::new()); PICKED_PARTS];
+    for (slot, entries) in parts.iter_mut().zip(list.chunks(part)) {
+        slot.0 = entries;
+    }
+    passes.each(&mut parts[..list.chunks(part).len()], |(entries, part)| {
+        for (j, &i) in entries.iter().enumerate() {
+            prefetch_ahead(r, entries, j, 0);
+            if let Some(v) = r.get(i as usize) {
+                part.push(mag_bits(*v), false);
+            }
+        }
+    });
+    let mut all = MagStats::new();
+    parts.iter().for_each(|(_, part)| all.merge(part));
+    all
+}
+
+/// Pass 2 over parts of `list` (of `part` entries) on threads: each part writes its value
+/// codes and residual updates, the first part's thread the index stream too. Whether
+/// everything fit. Out of line, as [`split_stats`].
+#[inline(never)]
+#[allow(clippy::too_many_arguments)]
+fn split_emit(
+    passes: Passes,
+    list: &[u32],
+    part: usize,
+    q: &Quantizer,
+    indices: IndexWriter<'_>,
+    r: &mut [f32],
+    u: &mut [f32],
+    values: &mut [u8],
+) -> bool {
+    let mut jobs = split_values(list, part, q.quant, r, u, values);
+    jobs[0].index = Some(indices);
+    let used = list.chunks(part).len();
+    passes.each(&mut jobs[..used], |job| {
+        if let Some(indices) = &mut job.index {
+            list.iter().for_each(|&i| indices.push(i as usize));
+        }
+        let mut values = ValueWriter::new(q.quant, core::mem::take(&mut job.values));
+        for (j, &i) in job.entries.iter().enumerate() {
+            prefetch_ahead(job.r, job.entries, j, job.first);
+            let at = i as usize - job.first;
+            if let Some(v) = job.r.get_mut(at) {
+                emit_value(q, &mut values, i, v);
+            }
+            if let Some(u) = job.u.get_mut(at) {
+                *u = 0.0; // factor masking
+            }
+        }
+        job.ok = values.finish();
+    });
+    let indices_ok = jobs[0].index.take().is_some_and(IndexWriter::finish);
+    indices_ok && jobs[..used].iter().all(|j| j.ok)
 }
 
 /// Splits the residual, velocity (empty, or as long as the residual) and value block
