@@ -343,12 +343,9 @@ impl Compressor {
                 _,
             ) => {
                 // The selection left the magnitudes in list order: no residual reads.
-                scratch[start..start + len]
-                    .iter()
-                    .for_each(|&i| cost.push(i as usize));
-                scratch[m..m + len]
-                    .iter()
-                    .for_each(|&mag| mags.push(mag, need_abs));
+                let at = |from: usize| scratch.get(from..from + len).unwrap_or(&[]);
+                at(start).iter().for_each(|&i| cost.push(i as usize));
+                at(m).iter().for_each(|&mag| mags.push(mag, need_abs));
             }
             // A sum of |v| over parts would round differently: it stays on one thread.
             (_, Some((list, part))) if !need_abs => {
