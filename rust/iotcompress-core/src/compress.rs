@@ -1032,16 +1032,16 @@ fn split_values<'a>(
     mut u: &'a mut [f32],
     mut values: &'a mut [u8],
 ) -> [ValuesJob<'a>; PICKED_PARTS] {
-    let code_bytes = |entries: usize| match quant {
-        Quant::Ternary => entries / 5,
-        q => entries * q.code_bits() as usize / 8,
-    };
     let mut jobs: [ValuesJob<'a>; PICKED_PARTS] = Default::default();
     let mut first = 0;
     for (j, (job, entries)) in jobs.iter_mut().zip(list.chunks(part)).enumerate() {
         // The next part's first index ends this part's range; the last part takes the rest.
         let (r_len, v_len) = match list.get((j + 1) * part) {
-            Some(&next) => (next as usize - first, code_bytes(entries.len())),
+            // Its codes fill whole bytes (a multiple of PICKED_ALIGN): the next part starts on one.
+            Some(&next) => {
+                let bytes = quant.value_bytes(entries.len() as u64).unwrap_or(0);
+                (next as usize - first, bytes as usize)
+            }
             None => (r.len(), values.len()),
         };
         let (r_at, u_at, v_at) = (

@@ -596,15 +596,12 @@ fn scale_is_the_statistic_of_the_sent_values() {
         Selection::Adaptive(Target::Density(0.05)),
         Selection::Adaptive(Target::Bytes(3000)),
     ];
-    let quants = [
-        Quant::Int8,
-        Quant::Int4,
-        Quant::Sign,
-        Quant::Ternary,
-        Quant::Qsgd { levels: 5 },
-    ];
+    // The quantisers with a scale.
+    let quants = QUANTS
+        .into_iter()
+        .filter(|q| !matches!(q, Quant::F32 | Quant::F16 | Quant::Bf16));
     for selection in selections {
-        for quant in quants {
+        for quant in quants.clone() {
             for threads in [1, 2] {
                 let case = format!("{selection:?} {quant:?} x{threads}");
                 let mut c = compressor(config(selection, quant, Momentum::None, 1), n);

@@ -122,6 +122,28 @@ fn run_into(
     (a, bits(&rn[offsets.0..]), bits(&un[offsets.1..]), list)
 }
 
+/// An old residual (`pad` extra elements first) with some entries equal to gradient values,
+/// so that ties and cancellations occur, and a velocity when `rule` has one.
+fn old_state(g: &[f32], seed: u64, rule: Momentum, pad: usize) -> (Vec<f32>, Vec<f32>) {
+    let n = g.len();
+    let mut rng = TestRng(seed | 1);
+    let r = (0..n + pad)
+        .map(|i| {
+            if i % 7 == 0 && n > 0 {
+                g[(i * 3) % n]
+            } else {
+                rng.normal()
+            }
+        })
+        .collect();
+    let u = if rule == Momentum::None {
+        vec![]
+    } else {
+        rng.normals(n, 0.5)
+    };
+    (r, u)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
@@ -134,10 +156,7 @@ proptest! {
         cap in 0usize..64,
         base in any::<u32>(),
     ) {
-        let n = g.len();
-        let mut rng = TestRng(seed | 1);
-        let r: Vec<f32> = (0..n).map(|i| if i % 7 == 0 { g[(i * 3) % n] } else { rng.normal() }).collect();
-        let u: Vec<f32> = if rule == Momentum::None { vec![] } else { rng.normals(n, 0.5) };
+        let (r, u) = old_state(&g, seed, rule, 0);
         // Also with the threshold at the largest finite |v|: the only hits are exact ties.
         let dry = run_accumulate(Level::Scalar, rule, &r, &u, &g, None, 0, 0);
         let top = dry.1.iter().map(|b| b & 0x7fff_ffff).filter(|m| *m < 0x7f80_0000).max();
@@ -165,11 +184,9 @@ proptest! {
         r_start in 0usize..8,
     ) {
         let n = g.len();
-        let mut rng = TestRng(seed | 1);
         // The old state at an arbitrary offset too (its loads are unaligned).
-        let r: Vec<f32> = (0..n + r_start).map(|i| if i % 7 == 0 && n > 0 { g[(i * 3) % n] } else { rng.normal() }).collect();
+        let (r, u) = old_state(&g, seed, rule, r_start);
         let r = &r[r_start..];
-        let u: Vec<f32> = if rule == Momentum::None { vec![] } else { rng.normals(n, 0.5) };
         let want = run_accumulate(Level::Scalar, rule, r, &u, &g, at, cap, base);
         for level in Level::all_supported() {
             let (mut rn, mut un) = (spare(n, offsets.0), spare(u.len(), offsets.1));
@@ -326,19 +343,10 @@ fn threads_give_the_same_messages() {
     // The 5 % selections pick about 9,900 entries: enough for the passes over the picked
     // entries to split over two threads too. One of them runs every code width, so that
     // each part's value codes are seen to start on a byte of their own.
-    let every_quant = [
-        Quant::Int8,
-        Quant::F32,
-        Quant::Sign,
-        Quant::F16,
-        Quant::Int4,
-        Quant::Ternary,
-        Quant::Qsgd { levels: 5 },
-    ];
     for selection in sels {
         let quants = match selection {
-            Selection::Adaptive(Target::Density(_)) => &every_quant[..],
-            _ => &every_quant[..3],
+            Selection::Adaptive(Target::Density(_)) => &QUANTS[..],
+            _ => &[Quant::Int8, Quant::F32, Quant::Sign][..],
         };
         for rule in momenta() {
             for &quant in quants {
