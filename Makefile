@@ -84,3 +84,16 @@ clean:
 	rm -rf $(VENV)
 
 include mk/mcu.mk
+
+# Every cargo-fuzz target for FUZZ_SECONDS each (cargo install cargo-fuzz; stable toolchains
+# need RUSTC_BOOTSTRAP=1), from the committed seeds in fuzz/seeds/ into fuzz/corpus/ (not
+# committed). libfuzzer's final stats lines report the executions of each.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := decode roundtrip state
+.PHONY: fuzz
+fuzz:
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/corpus/$$t; \
+	  (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run -O $$t corpus/$$t seeds/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1) || exit 1; \
+	done

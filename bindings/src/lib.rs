@@ -56,6 +56,13 @@ fn selection(
     })
 }
 
+/// `(residual, velocity, (step, threshold, bits_per_entry))`.
+type Snapshot<'py> = (
+    Bound<'py, PyArray1<f32>>,
+    Bound<'py, PyArray1<f32>>,
+    (u64, f32, f32),
+);
+
 /// The core compressor with its owned state and a reused output buffer.
 struct Inner {
     core: OwnedCompressor,
@@ -271,14 +278,7 @@ impl PyCompressor {
     }
 
     /// `(residual, velocity, (step, threshold, bits_per_entry))`, read in one turn.
-    fn snapshot<'py>(
-        &self,
-        py: Python<'py>,
-    ) -> (
-        Bound<'py, PyArray1<f32>>,
-        Bound<'py, PyArray1<f32>>,
-        (u64, f32, f32),
-    ) {
+    fn snapshot<'py>(&self, py: Python<'py>) -> Snapshot<'py> {
         let (r, u, counters) = self.with(py, |s| {
             let c = &s.core;
             let u = if c.velocity().is_empty() {

@@ -561,10 +561,23 @@ impl Compressor {
     /// (`(v - q) + q` may differ from `v` in the last bit); the velocity's factor masking
     /// is not undone (the message does not hold it): the exact undo of the last message is
     /// [`crate::OwnedCompressor::restore`]. All or nothing: a message that does not decode
-    /// (or is for another size) changes nothing. [`Compressor::state_bound`] becomes unknown.
+    /// (or is for another size), or whose sum with the residual would overflow
+    /// ([`Error::Overflow`], checked over its entries first), changes nothing.
+    /// [`Compressor::state_bound`] becomes unknown.
     pub fn restore_message(&mut self, residual: &mut [f32], msg: &[u8]) -> Result<(), Error> {
         if residual.len() != self.numel {
             return Err(Error::LengthMismatch);
+        }
+        let m = crate::wire::parse(msg, usize::MAX)?;
+        if m.header.numel as usize != self.numel {
+            return Err(Error::NumelMismatch);
+        }
+        let mut finite = true;
+        crate::wire::for_each_entry(&m, |i, v| {
+            finite &= residual.get(i).is_some_and(|r| (r + v).is_finite());
+        })?;
+        if !finite {
+            return Err(Error::Overflow);
         }
         crate::wire::decode_add(msg, residual, 1.0)?;
         self.state_bound = f32::INFINITY;
