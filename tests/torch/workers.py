@@ -309,3 +309,85 @@ def delayed_steps(rank, world, store, out_dir, runs, steps, skips=None):
         save(out_dir, rank, results)
     finally:
         finish()
+
+
+class WithEmpty(TwoLayer):
+    """TwoLayer plus a zero-element parameter that takes part in the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.empty = nn.Parameter(torch.zeros(0))
+
+    def forward(self, x):
+        return super().forward(x) + self.empty.sum()
+
+
+def _residuals(state):
+    return {k: (c.residual.copy(), c.velocity.copy()) for k, c in state._compressors.items()}
+
+
+def failing_step(rank, world, store, out_dir, options_per_rank, nan_ranks, timeout_s=None):
+    """Three steps under each rank's own options (the default process-group timeout of 30
+    minutes unless ``timeout_s``); at step 1 the ``nan_ranks`` have a NaN loss. Saves the
+    first error, how long it took to come, and the compressors before and after that step."""
+    if timeout_s is None:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    else:
+        init(rank, world, store, timeout_s=timeout_s)
+    torch.set_num_threads(1)
+    model = TwoLayer()
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.001)
+    state = CompressionState(**options_per_rank[rank])
+    ddp.register_comm_hook(state, compression_hook)
+    outcome = {"error": None, "step": None}
+    for step in range(3):
+        before = _residuals(state)
+        t0 = time.monotonic()
+        try:
+            loss = loss_of(ddp, rank, step)
+            if step == 1 and rank in nan_ranks:
+                loss = loss * float("nan")
+            loss.backward()
+        except Exception as e:  # noqa: BLE001 - the test inspects what was raised
+            outcome.update(error=f"{type(e).__name__}: {e}", step=step, elapsed=time.monotonic() - t0,
+                           before=before, after=_residuals(state), iteration=state.iteration)
+            break
+    save(out_dir, rank, outcome)
+    # The group may be broken; leave without the interpreter's finalisation (see failing_rank).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def nonfinite_skip(rank, world, store, out_dir, runs, nan_rank, nan_step, steps=3):
+    """``on_nonfinite="skip"``: ``nan_rank``'s loss is NaN at ``nan_step``. Per run, per
+    step: local gradients, what the hook applied, the compressors before and after."""
+    init(rank, world, store)
+    try:
+        results = {}
+        for label, options in runs:
+            model = WithEmpty()
+            ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.001)
+            state = CompressionState(on_nonfinite="skip", **options)
+            names = {id(p): n for n, p in model.named_parameters()}
+            local = {}
+            ddp.register_comm_hook(state, _recording(names, local))
+            opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+            record = {"local": [], "applied": [], "before": [], "after": []}
+            for step in range(steps):
+                record["before"].append(_residuals(state))
+                opt.zero_grad()
+                loss = loss_of(ddp, rank, step)
+                if rank == nan_rank and step == nan_step:
+                    loss = loss * float("nan")
+                loss.backward()
+                record["local"].append(dict(local))
+                record["applied"].append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+                record["after"].append(_residuals(state))
+                opt.step()
+            record["weights"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+            record["stats"] = dict(state.stats)
+            results[label] = record
+        save(out_dir, rank, results)
+    finally:
+        finish()

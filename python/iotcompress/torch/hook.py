@@ -932,8 +932,13 @@ def _delayed(state: CompressionState, bucket: dist.GradBucket, grad: np.ndarray,
         _finish_step(state)
     fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     if error is not None:
-        fut.set_exception(error)
-        return fut
+        # DDP rethrows a callback's error with its type and message (a future made with
+        # set_exception reaches it as an uncastable value).
+        def fail(_: Any) -> torch.Tensor:
+            raise error
+
+        fut.set_result(torch.empty(0))
+        return fut.then(fail)
 
     def combine(_: Any = None) -> torch.Tensor:
         out = local.copy()
