@@ -273,22 +273,25 @@ def _recording(names, record):
     return hook
 
 
-def delayed_steps(rank, world, store, out_dir, runs, steps, skips=None):
-    """For each ``(label, options)`` in ``runs``: ``steps`` SGD steps of TwoLayer under the
-    hook, recording per step this rank's local gradients, what the hook gave the optimizer,
-    and the residuals before and after; ``skips`` maps rank -> steps it sits out."""
+def delayed_steps(rank, world, store, out_dir, runs, steps, skips=None, nans=None, model_name="TwoLayer"):
+    """For each ``(label, options)`` in ``runs``: ``steps`` SGD steps of ``model`` (a class
+    name here) under the hook, recording per step this rank's local gradients, what the hook
+    gave the optimizer, and the residuals (and every compressor's residual and velocity)
+    before and after; ``skips`` maps rank -> steps it sits out, ``nans`` rank -> steps
+    whose loss is NaN; ``model_name`` is a model class of this module."""
     init(rank, world, store)
     try:
         results = {}
         for label, options in runs:
-            model = TwoLayer()
+            model = globals()[model_name]()
             ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.001)
             state = CompressionState(**options)
             names = {id(p): n for n, p in model.named_parameters()}
             local = {}
             ddp.register_comm_hook(state, _recording(names, local))
             opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-            record = {"local": [], "applied": [], "residual_before": [], "residual_after": []}
+            record = {"local": [], "applied": [], "residual_before": [], "residual_after": [], "before": [],
+                      "after": []}
             for step in range(steps):
 
                 def residuals():
@@ -297,11 +300,16 @@ def delayed_steps(rank, world, store, out_dir, runs, steps, skips=None):
 
                 state.participating = step not in (skips or {}).get(rank, ())
                 record["residual_before"].append(residuals())
+                record["before"].append(_residuals(state))
                 opt.zero_grad()
-                loss_of(ddp, rank, step).backward()
+                loss = loss_of(ddp, rank, step)
+                if step in (nans or {}).get(rank, ()):
+                    loss = loss * float("nan")
+                loss.backward()
                 record["local"].append(dict(local))
                 record["applied"].append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
                 record["residual_after"].append(residuals())
+                record["after"].append(_residuals(state))
                 opt.step()
             record["weights"] = {n: p.detach().clone() for n, p in model.named_parameters()}
             record["stats"] = dict(state.stats)
@@ -357,37 +365,3 @@ def failing_step(rank, world, store, out_dir, options_per_rank, nan_ranks, timeo
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
-
-
-def nonfinite_skip(rank, world, store, out_dir, runs, nan_rank, nan_step, steps=3):
-    """``on_nonfinite="skip"``: ``nan_rank``'s loss is NaN at ``nan_step``. Per run, per
-    step: local gradients, what the hook applied, the compressors before and after."""
-    init(rank, world, store)
-    try:
-        results = {}
-        for label, options in runs:
-            model = WithEmpty()
-            ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.001)
-            state = CompressionState(on_nonfinite="skip", **options)
-            names = {id(p): n for n, p in model.named_parameters()}
-            local = {}
-            ddp.register_comm_hook(state, _recording(names, local))
-            opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-            record = {"local": [], "applied": [], "before": [], "after": []}
-            for step in range(steps):
-                record["before"].append(_residuals(state))
-                opt.zero_grad()
-                loss = loss_of(ddp, rank, step)
-                if rank == nan_rank and step == nan_step:
-                    loss = loss * float("nan")
-                loss.backward()
-                record["local"].append(dict(local))
-                record["applied"].append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
-                record["after"].append(_residuals(state))
-                opt.step()
-            record["weights"] = {n: p.detach().clone() for n, p in model.named_parameters()}
-            record["stats"] = dict(state.stats)
-            results[label] = record
-        save(out_dir, rank, results)
-    finally:
-        finish()
