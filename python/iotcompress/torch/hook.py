@@ -929,6 +929,11 @@ def _delayed(state: CompressionState, bucket: dist.GradBucket, grad: np.ndarray,
     if not old:
         state._inflight.pop(t - delay, None)
     if bucket.is_last():
+        if error is not None:
+            # The peers read these headers only at their next step: make sure they have left
+            # this process before its error ends it.
+            for pending in state._unlaunched:
+                pending._wait_headers(quant)
         _finish_step(state)
     fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     if error is not None:
