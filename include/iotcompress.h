@@ -13,9 +13,12 @@
 #include <stdint.h>
 /** Upper bound of iotcompress_max_message_len() for @p numel elements of at most
  *  @p value_bits bits each (use the IOTCOMPRESS_VALUE_BITS_* bounds): 24 header bytes,
- *  a bitmap, the packed values and the 4-byte checksum. For static buffers. */
+ *  a bitmap, the packed values and the 4-byte checksum. For static buffers. A size_t,
+ *  computed per 8 elements so that no intermediate exceeds the result (no wrap for any
+ *  32-bit numel where the result fits in size_t). */
 #define IOTCOMPRESS_MAX_MESSAGE_LEN(numel, value_bits) \
-    (24u + ((numel) + 7u) / 8u + ((numel) * (value_bits) + 7u) / 8u + 4u)
+    ((size_t)28u + ((size_t)(numel) / 8u) * (1u + (size_t)(value_bits)) \
+     + ((size_t)(numel) % 8u != 0u) + (((size_t)(numel) % 8u) * (value_bits) + 7u) / 8u)
 /** Value bits of each quantiser for IOTCOMPRESS_MAX_MESSAGE_LEN (ternary packs 5 values a
  *  byte, bounded by 2 bits; QSGD has at most 1 + 8 bits). */
 #define IOTCOMPRESS_VALUE_BITS_F32 32u
@@ -204,6 +207,14 @@ typedef struct IotcompressCompressor {
    * Adaptive selections: measured bits per sent entry of the last message.
    */
   float adaptive_bits_per_entry;
+  /**
+   * An upper bound on every |residual| and |velocity| entry, kept by the compressor so
+   * that it can rule out an overflow before it writes anything (0 after
+   * `iotcompress_init`). After writing the residual or velocity yourself (other than
+   * restoring a checkpoint together with this struct), set it to `INFINITY`: the next
+   * step then measures the state.
+   */
+  float state_bound;
 } IotcompressCompressor;
 
 /**
@@ -925,13 +936,13 @@ IotcompressStatus iotcompress_init(struct IotcompressCompressor *state,
  * counts), and `out_cap` must be at least `max_message_len`. On success `*info` (if not
  * NULL) receives the message length and entry count.
  *
- * Errors: `IOTCOMPRESS_ERR_NON_FINITE_GRADIENT` (state unchanged),
- * `IOTCOMPRESS_ERR_OVERFLOW` (the residual now holds infinities),
- * `IOTCOMPRESS_ERR_LENGTH_MISMATCH`, `IOTCOMPRESS_ERR_SCRATCH_TOO_SMALL`,
- * `IOTCOMPRESS_ERR_BUFFER_TOO_SMALL`, `IOTCOMPRESS_ERR_BAD_STATE`,
- * `IOTCOMPRESS_ERR_INVALID_CONFIG` (a field of `state->config` was changed to a bad value),
- * `IOTCOMPRESS_ERR_NULL_POINTER`, `IOTCOMPRESS_ERR_MISALIGNED`, `IOTCOMPRESS_ERR_OVERLAP`.
- * Length, pointer and state errors leave every buffer unchanged.
+ * Errors: `IOTCOMPRESS_ERR_NON_FINITE_GRADIENT`, `IOTCOMPRESS_ERR_OVERFLOW` (the sum with
+ * the state would overflow float32), `IOTCOMPRESS_ERR_LENGTH_MISMATCH`,
+ * `IOTCOMPRESS_ERR_SCRATCH_TOO_SMALL`, `IOTCOMPRESS_ERR_BUFFER_TOO_SMALL`,
+ * `IOTCOMPRESS_ERR_BAD_STATE`, `IOTCOMPRESS_ERR_INVALID_CONFIG` (a field of `state->config`
+ * was changed to a bad value), `IOTCOMPRESS_ERR_NULL_POINTER`, `IOTCOMPRESS_ERR_MISALIGNED`,
+ * `IOTCOMPRESS_ERR_OVERLAP`. All or nothing: on every error `*state`, the residual and the
+ * velocity are exactly as they were (the scratch and `out` may have been written).
  *
  * # Safety
  * Every non-NULL pointer must point at as many live elements as its length says (`state`,
@@ -944,6 +955,26 @@ IotcompressStatus iotcompress_compress(struct IotcompressCompressor *state,
                                        uint8_t *out,
                                        size_t out_cap,
                                        struct IotcompressStepInfo *info);
+
+/**
+ * Puts a message that could not be delivered back into the state: `residual += message`
+ * (error feedback then sends its entries again later; nothing is lost). Exact up to one
+ * float32 rounding per entry; the velocity's factor masking is not undone. All or nothing:
+ * a message that does not verify (or is for another element count:
+ * `IOTCOMPRESS_ERR_NUMEL_MISMATCH`, a residual of another length:
+ * `IOTCOMPRESS_ERR_LENGTH_MISMATCH`) leaves `*state` and the residual unchanged. Sets
+ * `state->state_bound` to `INFINITY` (the next step measures the state once).
+ *
+ * # Safety
+ * `state` must be NULL or point at one live `IotcompressCompressor`, `residual` at
+ * `residual_len` writable floats, `msg` at `msg_len` readable bytes (NULL only with length
+ * 0); no other thread may access them during the call.
+ */
+IotcompressStatus iotcompress_restore(struct IotcompressCompressor *state,
+                                      float *residual,
+                                      size_t residual_len,
+                                      const uint8_t *msg,
+                                      size_t msg_len);
 
 /**
  * Adds `scale * value` of every entry of message `msg` into `out[index]` (a server summing

@@ -7,12 +7,13 @@
 use iotcompress_core::{
     decode_add as core_decode_add, parse, Config, Error, IndexCoding, Momentum, NetworkProfile,
     OwnedCompressor, Quant, Selection, StateFormat, StreamCompressor, StreamConfig, StreamInfo,
-    StreamMessage, StreamTarget, Target,
+    StreamMessage, StreamTarget, Target, ThresholdController,
 };
-use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadwriteArray1};
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
+use std::sync::Mutex;
 
 /// The one place core errors become Python exceptions: malformed messages raise
 /// `iotcompress.DecodeError`, everything else `iotcompress.CompressError`; both are
@@ -23,13 +24,18 @@ fn to_py(py: Python<'_>, e: Error) -> PyErr {
     } else {
         "CompressError"
     };
+    library_error(py, name, e.message())
+}
+
+/// An instance of `iotcompress.errors.<name>` (a `ValueError` if that cannot be made).
+fn library_error(py: Python<'_>, name: &str, reason: &str) -> PyErr {
     match py
         .import("iotcompress.errors")
         .and_then(|m| m.getattr(name))
-        .and_then(|c| c.call1((e.message(),)))
+        .and_then(|c| c.call1((reason,)))
     {
         Ok(exception) => PyErr::from_value(exception),
-        Err(_) => PyValueError::new_err(e.message()),
+        Err(_) => PyValueError::new_err(reason.to_owned()),
     }
 }
 
@@ -51,11 +57,38 @@ fn selection(
 }
 
 /// The core compressor with its owned state and a reused output buffer.
-#[pyclass(module = "iotcompress._iotcompress", name = "Compressor")]
-struct PyCompressor {
-    inner: OwnedCompressor,
+struct Inner {
+    core: OwnedCompressor,
     out: Vec<u8>,
     last_nnz: usize,
+    /// The in-place path reads the gradient twice (check, then accumulation): it works on
+    /// this private copy, so another thread writing the array meanwhile cannot poison the
+    /// state. The double-buffered path reads it once and checks what it read.
+    grad: Vec<f32>,
+}
+
+/// A frozen class around a mutex: calls from several threads (the GIL is released while
+/// the core works) take turns, and property reads wait for a running compress instead of
+/// failing with "already mutably borrowed".
+#[pyclass(module = "iotcompress._iotcompress", name = "Compressor", frozen)]
+struct PyCompressor {
+    inner: Mutex<Inner>,
+}
+
+impl PyCompressor {
+    /// Runs `f` on the locked state, waiting for the lock without the GIL (the holder may
+    /// need it to finish).
+    fn with<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut Inner) -> T + Send) -> T {
+        py.detach(|| {
+            let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            f(&mut inner)
+        })
+    }
+}
+
+fn contiguous<'a>(a: &'a PyReadonlyArray1<'_, f32>, name: &str) -> PyResult<&'a [f32]> {
+    a.as_slice()
+        .map_err(|_| PyValueError::new_err(format!("{name} must be contiguous")))
 }
 
 #[pymethods]
@@ -85,50 +118,68 @@ impl PyCompressor {
             momentum: Momentum::new(momentum, nesterov),
             seed,
         };
-        let mut inner = OwnedCompressor::new(config, numel).map_err(|e| to_py(py, e))?;
+        let mut core = OwnedCompressor::new(config, numel).map_err(|e| to_py(py, e))?;
         if low_memory {
-            inner.set_double_buffering(false);
+            core.set_double_buffering(false);
         }
-        let out = vec![0u8; inner.max_message_len()];
+        let out = vec![0u8; core.max_message_len()];
         Ok(PyCompressor {
-            inner,
-            out,
-            last_nnz: 0,
+            inner: Mutex::new(Inner {
+                core,
+                out,
+                last_nnz: 0,
+                grad: Vec::new(),
+            }),
         })
     }
 
     /// Compresses a contiguous float32 vector; the GIL is released meanwhile.
     fn compress<'py>(
-        &mut self,
+        &self,
         py: Python<'py>,
         grad: PyReadonlyArray1<'py, f32>,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let grad = grad
-            .as_slice()
-            .map_err(|_| PyValueError::new_err("gradient must be contiguous"))?;
-        let (inner, out) = (&mut self.inner, &mut self.out);
-        let info = py
-            .detach(|| inner.compress(grad, out))
-            .map_err(|e| to_py(py, e))?;
-        self.last_nnz = info.nnz;
-        Ok(PyBytes::new(py, &self.out[..info.bytes]))
+        let grad = contiguous(&grad, "gradient")?;
+        let msg = self.with(py, |s| {
+            let grad = private(&mut s.grad, !s.core.double_buffering(), grad);
+            let info = s.core.compress(grad, &mut s.out)?;
+            s.last_nnz = info.nnz;
+            Ok(s.out[..info.bytes].to_vec())
+        });
+        Ok(PyBytes::new(py, &msg.map_err(|e| to_py(py, e))?))
     }
 
     /// Adds a contiguous float32 vector into the residual without sending; the GIL is
     /// released meanwhile.
-    fn accumulate(&mut self, py: Python<'_>, grad: PyReadonlyArray1<'_, f32>) -> PyResult<()> {
-        let grad = grad
-            .as_slice()
-            .map_err(|_| PyValueError::new_err("gradient must be contiguous"))?;
-        let inner = &mut self.inner;
-        py.detach(|| inner.accumulate(grad))
-            .map_err(|e| to_py(py, e))
+    fn accumulate(&self, py: Python<'_>, grad: PyReadonlyArray1<'_, f32>) -> PyResult<()> {
+        let grad = contiguous(&grad, "gradient")?;
+        self.with(py, |s| {
+            let grad = private(&mut s.grad, !s.core.double_buffering(), grad);
+            s.core.accumulate(grad)
+        })
+        .map_err(|e| to_py(py, e))
+    }
+
+    /// Puts the last message back (`msg=None`, bit-exact) or adds `msg` back.
+    #[pyo3(signature = (msg=None))]
+    fn restore(&self, py: Python<'_>, msg: Option<&[u8]>) -> PyResult<()> {
+        self.with(py, |s| match msg {
+            None => s.core.restore(),
+            Some(m) => s.core.restore_message(m),
+        })
+        .map_err(|e| to_py(py, e))
+    }
+
+    /// Whether `restore()` has a message to put back.
+    #[getter]
+    fn can_restore(&self, py: Python<'_>) -> bool {
+        self.with(py, |s| s.core.can_restore())
     }
 
     /// Switches to another selection, keeping the state.
     #[pyo3(signature = (density, threshold, target_bytes, adaptive, exact))]
     fn set_selection(
-        &mut self,
+        &self,
         py: Python<'_>,
         density: Option<f64>,
         threshold: Option<f32>,
@@ -137,112 +188,177 @@ impl PyCompressor {
         exact: bool,
     ) -> PyResult<()> {
         let sel = selection(density, threshold, target_bytes, adaptive, exact)?;
-        self.inner.set_selection(sel).map_err(|e| to_py(py, e))
+        self.with(py, |s| s.core.set_selection(sel))
+            .map_err(|e| to_py(py, e))
     }
 
     /// Threads for the passes over the whole tensor (messages do not depend on it).
     #[getter]
-    fn threads(&self) -> usize {
-        self.inner.core().threads()
+    fn threads(&self, py: Python<'_>) -> usize {
+        self.with(py, |s| s.core.core().threads())
     }
 
     #[setter]
-    fn set_threads(&mut self, threads: usize) {
-        self.inner.set_threads(threads);
+    fn set_threads(&self, py: Python<'_>, threads: usize) {
+        self.with(py, |s| s.core.set_threads(threads));
     }
 
     /// Whether the state is double-buffered (a spare residual and velocity).
     #[getter]
-    fn double_buffered(&self) -> bool {
-        self.inner.double_buffering()
+    fn double_buffered(&self, py: Python<'_>) -> bool {
+        self.with(py, |s| s.core.double_buffering())
     }
 
     /// A copy: the owned buffers are swapped with their spares after each message, so no
     /// view of them is ever handed out.
     #[getter]
     fn residual<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f32>> {
-        PyArray1::from_slice(py, self.inner.residual())
+        PyArray1::from_vec(py, self.with(py, |s| s.core.residual().to_vec()))
     }
 
     #[getter]
     fn velocity<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f32>> {
-        if self.inner.velocity().is_empty() {
-            PyArray1::zeros(py, self.inner.residual().len(), false)
-        } else {
-            PyArray1::from_slice(py, self.inner.velocity())
-        }
+        let v = self.with(py, |s| {
+            let c = &s.core;
+            if c.velocity().is_empty() {
+                vec![0.0; c.residual().len()]
+            } else {
+                c.velocity().to_vec()
+            }
+        });
+        PyArray1::from_vec(py, v)
     }
 
     /// Sum of squares of the residual (f64), without copying it.
     #[getter]
-    fn residual_sq_norm(&self) -> f64 {
-        self.inner
-            .residual()
-            .iter()
-            .map(|&x| x as f64 * x as f64)
-            .sum()
+    fn residual_sq_norm(&self, py: Python<'_>) -> f64 {
+        self.with(py, |s| {
+            s.core.residual().iter().map(|&x| x as f64 * x as f64).sum()
+        })
     }
 
     #[getter]
-    fn has_velocity(&self) -> bool {
-        !self.inner.velocity().is_empty()
+    fn has_velocity(&self, py: Python<'_>) -> bool {
+        self.with(py, |s| !s.core.velocity().is_empty())
     }
 
     #[getter]
-    fn step(&self) -> u64 {
-        self.inner.core().step
+    fn step(&self, py: Python<'_>) -> u64 {
+        self.with(py, |s| s.core.core().step)
     }
 
     #[getter]
-    fn threshold(&self) -> f32 {
-        self.inner.core().controller.threshold
+    fn threshold(&self, py: Python<'_>) -> f32 {
+        self.with(py, |s| s.core.core().controller.threshold)
     }
 
     #[getter]
-    fn last_nnz(&self) -> usize {
-        self.last_nnz
+    fn last_nnz(&self, py: Python<'_>) -> usize {
+        self.with(py, |s| s.last_nnz)
     }
 
     #[getter]
-    fn max_message_len(&self) -> usize {
-        self.inner.max_message_len()
+    fn max_message_len(&self, py: Python<'_>) -> usize {
+        self.with(py, |s| s.core.max_message_len())
     }
 
     /// `(step, threshold, bits_per_entry)`: the scalar state.
-    fn counters(&self) -> (u64, f32, f32) {
-        let c = self.inner.core();
-        (c.step, c.controller.threshold, c.controller.bits_per_entry)
+    fn counters(&self, py: Python<'_>) -> (u64, f32, f32) {
+        self.with(py, |s| {
+            let c = s.core.core();
+            (c.step, c.controller.threshold, c.controller.bits_per_entry)
+        })
     }
 
-    /// Restores the whole state; arrays must have the right lengths (checked in Python).
-    fn restore(
-        &mut self,
+    /// `(residual, velocity, (step, threshold, bits_per_entry))`, read in one turn.
+    fn snapshot<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> (
+        Bound<'py, PyArray1<f32>>,
+        Bound<'py, PyArray1<f32>>,
+        (u64, f32, f32),
+    ) {
+        let (r, u, counters) = self.with(py, |s| {
+            let c = &s.core;
+            let u = if c.velocity().is_empty() {
+                vec![0.0; c.residual().len()]
+            } else {
+                c.velocity().to_vec()
+            };
+            let k = c.core();
+            let counters = (k.step, k.controller.threshold, k.controller.bits_per_entry);
+            (c.residual().to_vec(), u, counters)
+        });
+        (
+            PyArray1::from_vec(py, r),
+            PyArray1::from_vec(py, u),
+            counters,
+        )
+    }
+
+    /// Replaces the whole state and the selection in one turn, after checking everything
+    /// (lengths, finiteness, the controller); on error nothing changed.
+    #[pyo3(signature = (residual, velocity, counters, density, threshold, target_bytes, adaptive, exact))]
+    #[allow(clippy::too_many_arguments)]
+    fn load_state(
+        &self,
+        py: Python<'_>,
         residual: PyReadonlyArray1<'_, f32>,
         velocity: PyReadonlyArray1<'_, f32>,
         counters: (u64, f32, f32),
+        density: Option<f64>,
+        threshold: Option<f32>,
+        target_bytes: Option<u32>,
+        adaptive: bool,
+        exact: bool,
     ) -> PyResult<()> {
-        let r = residual
-            .as_slice()
-            .map_err(|_| PyValueError::new_err("residual must be contiguous"))?;
-        let v = velocity
-            .as_slice()
-            .map_err(|_| PyValueError::new_err("velocity must be contiguous"))?;
-        if r.len() != self.inner.residual().len() {
-            return Err(PyValueError::new_err("residual has the wrong length"));
-        }
-        self.inner.residual_mut().copy_from_slice(r);
-        if !self.inner.velocity().is_empty() {
-            if v.len() != self.inner.velocity().len() {
-                return Err(PyValueError::new_err("velocity has the wrong length"));
+        let r = contiguous(&residual, "residual")?;
+        let v = contiguous(&velocity, "velocity")?;
+        let sel = selection(density, threshold, target_bytes, adaptive, exact)?;
+        let controller = ThresholdController {
+            threshold: counters.1,
+            bits_per_entry: counters.2,
+        };
+        let checked = self.with(py, |s| {
+            let c = &mut s.core;
+            let n = c.residual().len();
+            if r.len() != n {
+                return Err("residual has the wrong length");
             }
-            self.inner.velocity_mut().copy_from_slice(v);
-        }
-        let core = self.inner.core_mut();
-        core.step = counters.0;
-        core.controller.threshold = counters.1;
-        core.controller.bits_per_entry = counters.2;
-        Ok(())
+            if !c.velocity().is_empty() && v.len() != n {
+                return Err("velocity has the wrong length");
+            }
+            if !r.iter().chain(v).all(|x| x.is_finite()) {
+                return Err("residual and velocity must be finite");
+            }
+            if !controller.is_valid() {
+                return Err("threshold and bits_per_entry must be finite and >= 0");
+            }
+            // Validated first: the only step left that can fail leaves the state as it is.
+            c.set_selection(sel).map_err(|e| e.message())?;
+            c.residual_mut().copy_from_slice(r);
+            if !c.velocity().is_empty() {
+                c.velocity_mut().copy_from_slice(v);
+            }
+            let core = c.core_mut();
+            core.step = counters.0;
+            core.controller = controller;
+            Ok(())
+        });
+        checked.map_err(PyValueError::new_err)
     }
+}
+
+/// The gradient a call reads: `grad` itself where the core reads it once (double
+/// buffering), else a private copy in `copy` (see [`Inner::grad`]).
+fn private<'a>(copy: &'a mut Vec<f32>, in_place: bool, grad: &'a [f32]) -> &'a [f32] {
+    if !in_place {
+        return grad;
+    }
+    copy.clear();
+    copy.extend_from_slice(grad);
+    copy
 }
 
 /// The streaming encoder with its owned state and output buffers.
@@ -404,19 +520,28 @@ impl PyStreaming {
     }
 }
 
-/// `out += scale * message`, all or nothing; the GIL is released meanwhile.
+/// `out += scale * message`, all or nothing; the GIL is released meanwhile. A buffer that
+/// another call is writing right now is refused with `iotcompress.BusyError`.
 #[pyfunction]
 fn decode_add(
     py: Python<'_>,
     msg: &[u8],
-    mut out: PyReadwriteArray1<'_, f32>,
+    out: &Bound<'_, PyArray1<f32>>,
     scale: f32,
 ) -> PyResult<()> {
+    let mut out = out.try_readwrite().map_err(|_| busy(py))?;
     let out = out
         .as_slice_mut()
         .map_err(|_| PyValueError::new_err("out must be contiguous"))?;
     py.detach(|| core_decode_add(msg, out, scale).map(|_| ()))
         .map_err(|e| to_py(py, e))
+}
+
+/// `iotcompress.BusyError`: the buffer is being written by another call.
+fn busy(py: Python<'_>) -> PyErr {
+    let reason = "out is being written by another call right now: decode_add calls into one \
+                  buffer from several threads must take turns";
+    library_error(py, "BusyError", reason)
 }
 
 /// A new dense float32 array of the message's element count (at most `max_numel`; equal
@@ -446,10 +571,13 @@ fn decode<'py>(
     Ok(out)
 }
 
-/// The header fields and block sizes of a verified message.
+/// The header fields and block sizes of a message verified as fully as `decode` does
+/// (framing, checksum, and every index and value code), without allocating for it.
 #[pyfunction]
 fn inspect<'py>(py: Python<'py>, msg: &[u8]) -> PyResult<Bound<'py, PyDict>> {
     let m = parse(msg, usize::MAX).map_err(|e| to_py(py, e))?;
+    py.detach(|| iotcompress_core::wire::for_each_entry(&m, |_, _| {}))
+        .map_err(|e| to_py(py, e))?;
     let h = m.header;
     let d = PyDict::new(py);
     d.set_item("version", iotcompress_core::wire::VERSION)?;

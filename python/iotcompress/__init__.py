@@ -20,7 +20,7 @@ from ._core import DEFAULT_MAX_NUMEL, QUANTS, Compressor, decode, decode_add, in
 from ._network import NetworkProfile
 from ._stream import STATE_FORMATS, STREAM_QUANTS, StreamingCompressor
 from ._iotcompress import WIRE_VERSION
-from .errors import CompressError, DecodeError, IotCompressError
+from .errors import BusyError, CompressError, DecodeError, IotCompressError
 
 try:
     __version__ = _version("iotcompress")
@@ -38,6 +38,7 @@ __all__ = [
     "IotCompressError",
     "DecodeError",
     "CompressError",
+    "BusyError",
     "QUANTS",
     "STREAM_QUANTS",
     "STATE_FORMATS",

@@ -159,14 +159,22 @@ class Compressor:
     process (a forked child makes its own); the messages do not depend on it. Next to torch
     on the same cores, set ``OMP_WAIT_POLICY=PASSIVE``: torch's idle OpenMP workers otherwise
     spin and take the cores these threads need. A compressor may be shared between Python
-    threads; their calls take turns.
+    threads: their calls take turns, and property reads wait for a running call and see
+    the state before or after it, never half of it.
+
+    Guarantees on error: every call that fails (:class:`CompressError` for a NaN, infinite
+    or overflowing gradient, :class:`TypeError`/:class:`ValueError` for bad arguments)
+    leaves the residual, velocity, step, adaptive threshold and the undo record exactly as
+    they were, on both memory paths. A message the transport could not deliver is not
+    lost: :meth:`restore` puts it back.
 
     Memory: gradients of at least 2**23 (8,388,608) elements are double-buffered, each step writes the
     new residual (and velocity) into a second buffer and keeps it only when every value is
     finite. That reads the gradient once instead of twice (a non-finite gradient is caught by
     the accumulation itself) at the cost of twice the state's memory: 2 x 4 bytes per element,
     4 x with momentum. ``low_memory=True`` turns it off (the state is updated in place after
-    a finiteness check of the gradient; messages are identical either way).
+    a finiteness check of the gradient, on a private copy of it so that another thread
+    writing the array meanwhile cannot poison the state; messages are identical either way).
 
     Example::
 
@@ -238,6 +246,38 @@ class Compressor:
         grad = _as_vector(grad, "grad", self._numel)
         with self._lock:
             return self._ext.compress(grad)
+
+    def restore(self, msg: Any = None) -> None:
+        """Puts an undelivered message back into the state, so error feedback sends it later.
+
+        ``restore()`` undoes the last :meth:`compress` bit-exactly: the residual and velocity
+        (momentum factor masking undone), :attr:`step` and the adaptive threshold become
+        exactly what :meth:`accumulate` of that gradient would have left, so the next
+        messages are those of "accumulate, then compress" byte for byte (from a zero state:
+        of one compress of the summed gradients). It uses an O(nnz) undo record kept until
+        the next :meth:`compress`, :meth:`accumulate`, :meth:`restore`,
+        :meth:`set_selection` or :meth:`load_state_dict`; without one it raises
+        :class:`CompressError` and changes nothing.
+
+        ``restore(msg)`` adds any earlier message of this compressor back into the residual
+        (``residual += decode(msg)``): exact up to one float32 rounding per entry; the
+        velocity's factor masking is not undone. A malformed message, or one for another
+        element count, raises :class:`DecodeError` and changes nothing. Drops the undo record.
+
+        Example::
+
+            msg = c.compress(g)
+            if not link.send(msg):
+                c.restore()          # nothing lost: it goes out with the next message
+        """
+        msg = None if msg is None else _as_message(msg)
+        with self._lock:
+            self._ext.restore(msg)
+
+    @property
+    def can_restore(self) -> bool:
+        """Whether :meth:`restore` (without a message) has a message to put back."""
+        return self._ext.can_restore
 
     def accumulate(self, grad: Any) -> None:
         """Adds one gradient into the residual (with the momentum rule, exactly as
@@ -364,12 +404,12 @@ class Compressor:
             torch.save(c.state_dict(), "compressor.pt")
         """
         with self._lock:
-            step, threshold, bits_per_entry = self._ext.counters()
-            residual, velocity = self._ext.residual, self._ext.velocity
+            residual, velocity, (step, threshold, bits_per_entry) = self._ext.snapshot()
+            options = dict(self._options)
         return {
             "format": _STATE_FORMAT,
             "numel": self._numel,
-            "options": dict(self._options),
+            "options": options,
             "residual": residual,
             "velocity": velocity,
             "step": step,
@@ -382,30 +422,22 @@ class Compressor:
         nesterov, seed) must match this compressor's; the selection is taken from the state
         (it may have changed through :meth:`set_selection`).
 
+        Everything is validated before anything is assigned: ``residual`` and ``velocity``
+        must be float32 arrays (numpy or CPU torch; no silent casts) of shape ``(numel,)``
+        with finite values, ``step`` an int in ``[0, 2**64)``, ``threshold`` and
+        ``bits_per_entry`` finite floats ``>= 0``, the options valid. A bad state raises
+        :class:`TypeError`, :class:`ValueError` or :class:`KeyError` naming the key, and
+        leaves the compressor exactly as it was.
+
         Example::
 
             c = ic.Compressor(n, density=0.001)
             c.load_state_dict(torch.load("compressor.pt", weights_only=False))
         """
-        if state.get("format") != _STATE_FORMAT:
-            raise ValueError(f"unknown state format {state.get('format')!r}; expected {_STATE_FORMAT}")
-        if state["numel"] != self._numel:
-            raise ValueError(f"state is for numel={state['numel']}, this compressor has numel={self._numel}")
-        options = dict(state["options"])
-        mine = {k: v for k, v in self._options.items() if k not in _SELECTION_KEYS}
-        theirs = {k: v for k, v in options.items() if k not in _SELECTION_KEYS}
-        if theirs != mine:
-            raise ValueError(f"state options {theirs} differ from this compressor's {mine}")
-        residual = np.ascontiguousarray(_to_numpy(state["residual"]), dtype=np.float32)
-        velocity = np.ascontiguousarray(_to_numpy(state["velocity"]), dtype=np.float32)
-        for name, arr in (("residual", residual), ("velocity", velocity)):
-            if arr.shape != (self._numel,):
-                raise ValueError(f"state {name} has shape {arr.shape}, expected ({self._numel},)")
-        counters = (int(state["step"]), float(state["threshold"]), float(state["bits_per_entry"]))
-        selection = _selection_options(*(options.get(k) for k in _SELECTION_KEYS))
+        checked = _check_state(state, self._numel, self._options)
+        residual, velocity, counters, selection = checked
         with self._lock:
-            self._ext.set_selection(**selection)
-            self._ext.restore(residual, velocity, counters)
+            self._ext.load_state(residual, velocity, counters, **selection)
             self._options.update(selection)
 
     def __repr__(self) -> str:
@@ -422,6 +454,80 @@ class Compressor:
 
 def _to_numpy(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy() if _is_torch_tensor(x) else np.asarray(x)
+
+
+def _state_key(state: Mapping[str, Any], key: str) -> Any:
+    if not isinstance(state, Mapping):
+        raise TypeError(f"a state must be a mapping (a state_dict()), got {type(state).__name__}")
+    if key not in state:
+        raise KeyError(f"state has no {key!r}: not a state_dict() of this class")
+    return state[key]
+
+
+def _state_array(state: Mapping[str, Any], key: str, numel: int) -> np.ndarray:
+    """``state[key]`` as a contiguous float32 array of ``numel`` finite values (checked, never cast)."""
+    x = _state_key(state, key)
+    if _is_torch_tensor(x):
+        if str(x.dtype) != "torch.float32":
+            raise TypeError(f"state[{key!r}] must be float32, got {x.dtype}")
+        x = x.detach().cpu().numpy()
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"state[{key!r}] must be a float32 array, got {type(x).__name__}")
+    if x.dtype != np.float32:
+        raise TypeError(f"state[{key!r}] must be float32, got {x.dtype}")
+    if x.shape != (numel,):
+        raise ValueError(f"state[{key!r}] has shape {x.shape}, expected ({numel},)")
+    if not np.isfinite(x).all():
+        raise ValueError(f"state[{key!r}] holds NaN or infinity")
+    return np.ascontiguousarray(x)
+
+
+def _state_int(state: Mapping[str, Any], key: str, low: int, high: int) -> int:
+    x = _state_key(state, key)
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
+        raise TypeError(f"state[{key!r}] must be an int, got {type(x).__name__}")
+    if not low <= int(x) < high:
+        raise ValueError(f"state[{key!r}] must be in [{low}, {high}), got {x}")
+    return int(x)
+
+
+def _state_float(state: Mapping[str, Any], key: str) -> float:
+    """``state[key]`` as a finite float ``>= 0`` that float32 holds."""
+    x = _state_key(state, key)
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, float, np.integer, np.floating)):
+        raise TypeError(f"state[{key!r}] must be a real number, got {type(x).__name__}")
+    x = float(x)
+    if not (math.isfinite(x) and 0.0 <= x <= float(np.finfo(np.float32).max)):
+        raise ValueError(f"state[{key!r}] must be finite and >= 0, got {x}")
+    return x
+
+
+def _check_state(state: Mapping[str, Any], numel: int, mine: Mapping[str, Any]):
+    """Every field of a :meth:`Compressor.state_dict`, validated; nothing assigned."""
+    fmt = _state_key(state, "format")
+    if fmt != _STATE_FORMAT:
+        raise ValueError(f"state['format'] is {fmt!r}; expected {_STATE_FORMAT}")
+    if _state_key(state, "numel") != numel:
+        raise ValueError(f"state['numel']: the state is for numel={state['numel']!r}, this compressor has numel={numel}")
+    options = _state_key(state, "options")
+    if not isinstance(options, Mapping):
+        raise TypeError(f"state['options'] must be a dict, got {type(options).__name__}")
+    ours = {k: v for k, v in mine.items() if k not in _SELECTION_KEYS}
+    theirs = {k: v for k, v in options.items() if k not in _SELECTION_KEYS}
+    if theirs != ours:
+        raise ValueError(f"state['options'] {theirs} differ from this compressor's {ours}")
+    try:
+        selection = _selection_options(*(options.get(k) for k in _SELECTION_KEYS))
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"state['options']: {e}") from None
+    residual = _state_array(state, "residual", numel)
+    velocity = _state_array(state, "velocity", numel)
+    counters = (
+        _state_int(state, "step", 0, 2**64),
+        _state_float(state, "threshold"),
+        _state_float(state, "bits_per_entry"),
+    )
+    return residual, velocity, counters, selection
 
 
 def decode(msg: Any, numel: Optional[int] = None, *, max_numel: int = DEFAULT_MAX_NUMEL) -> np.ndarray:
@@ -447,6 +553,9 @@ def decode(msg: Any, numel: Optional[int] = None, *, max_numel: int = DEFAULT_MA
 def decode_add(msg: Any, out: Any, scale: float = 1.0) -> None:
     """Adds ``scale * message`` into ``out`` in place (a 1-D contiguous float32 numpy array or
     CPU torch tensor). All or nothing: on :class:`DecodeError` ``out`` is unchanged.
+    ``scale`` must be a finite real number (:class:`TypeError`/:class:`ValueError`
+    otherwise). Two threads adding into one buffer at the same moment: the second gets
+    :class:`BusyError` and changes nothing.
 
     Example::
 
@@ -455,12 +564,18 @@ def decode_add(msg: Any, out: Any, scale: float = 1.0) -> None:
             ic.decode_add(m, total, scale=1 / len(messages))
     """
     out = _as_vector(out, "out", writable=True)
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.integer, np.floating)):
+        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
+    if not math.isfinite(scale) or abs(float(scale)) > float(np.finfo(np.float32).max):
+        raise ValueError(f"scale must be finite (and within float32), got {scale}")
     _ext.decode_add(_as_message(msg), out, float(scale))
 
 
 def inspect(msg: Any) -> Dict[str, Any]:
     """The header of a verified message: ``version, numel, nnz, quant, levels, index, rice_k,
-    scale, stream, header_bytes, index_bytes, value_bytes, nbytes``.
+    scale, stream, header_bytes, index_bytes, value_bytes, nbytes``. The message is verified
+    exactly as :func:`decode` verifies it (framing, checksum, every index and value code),
+    without allocating its dense array; a malformed one raises :class:`DecodeError`.
 
     Example::
 

@@ -50,8 +50,20 @@ class Compressor:
     @property
     def max_message_len(self) -> int: ...
     def counters(self) -> Tuple[int, float, float]: ...
-    def restore(
-        self, residual: npt.NDArray[np.float32], velocity: npt.NDArray[np.float32], counters: Tuple[int, float, float]
+    def snapshot(self) -> Tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], Tuple[int, float, float]]: ...
+    def restore(self, msg: Optional[bytes] = ...) -> None: ...
+    @property
+    def can_restore(self) -> bool: ...
+    def load_state(
+        self,
+        residual: npt.NDArray[np.float32],
+        velocity: npt.NDArray[np.float32],
+        counters: Tuple[int, float, float],
+        density: Optional[float],
+        threshold: Optional[float],
+        target_bytes: Optional[int],
+        adaptive: bool,
+        exact: bool,
     ) -> None: ...
 
 class StreamingCompressor:

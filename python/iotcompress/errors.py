@@ -1,6 +1,6 @@
 """Exceptions raised by iotcompress."""
 
-__all__ = ["IotCompressError", "DecodeError", "CompressError"]
+__all__ = ["IotCompressError", "DecodeError", "CompressError", "BusyError"]
 
 
 class IotCompressError(Exception):
@@ -27,12 +27,28 @@ class DecodeError(IotCompressError, ValueError):
 
 
 class CompressError(IotCompressError, ValueError):
-    """A gradient cannot be compressed (it contains NaN or infinity, or the accumulated
-    residual overflowed float32). On a NaN or infinite gradient the state is unchanged.
+    """A gradient cannot be compressed (it contains NaN or infinity, or its sum with the
+    residual would overflow float32), or :meth:`Compressor.restore` has nothing to put back.
+    The state is unchanged.
 
     Example::
 
         g[0] = float("nan")
         with pytest.raises(ic.CompressError):
             c.compress(g)
+    """
+
+
+class BusyError(IotCompressError, RuntimeError):
+    """The buffer is being written by another call right now: two threads ran
+    :func:`iotcompress.decode_add` into one buffer at once. This call changed nothing (the
+    other one completes); retry, or take turns with a lock.
+
+    Example::
+
+        try:
+            ic.decode_add(msg, total)
+        except ic.BusyError:
+            with lock:
+                ic.decode_add(msg, total)
     """

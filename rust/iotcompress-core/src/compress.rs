@@ -6,7 +6,7 @@
 
 use crate::feedback::{accumulate_one, Momentum};
 use crate::float::{ceil_usize, mag_bits};
-use crate::kernels::{prefetch, Passes, Update};
+use crate::kernels::{prefetch, Accumulated, Passes, Update};
 use crate::quant::{Quant, Quantizer, ValueStats};
 use crate::rng::{self, Purpose};
 use crate::select::{
@@ -118,7 +118,20 @@ struct State<'a> {
     spare: Option<Spare<'a>>,
     /// The accumulation succeeded into `spare`: it holds the state now.
     moved: bool,
+    /// The largest magnitude among the accumulated `v` and new `u` (bits; 0 before).
+    max_mag: u32,
 }
+
+/// The headroom rule of the in-place path: a step whose state bound `b` and gradient
+/// magnitude `g` satisfy `2 (b + g) <= 2^127` cannot overflow, whatever the momentum rule
+/// (`|u'| <= b + g`, `|v| <= |r| + |u'| + |g| <= 2b + 2g`, and three roundings stay far
+/// below `f32::MAX`, about `2^128`).
+fn within_headroom(bound: f32, g: f32) -> bool {
+    2.0 * (bound as f64 + g as f64) <= HEADROOM
+}
+
+/// See [`within_headroom`]: 2^127.
+const HEADROOM: f64 = 1.7014118346046923e38;
 
 impl State<'_> {
     /// The residual and velocity now: before the accumulation the old state, after it `v`
@@ -138,13 +151,45 @@ impl State<'_> {
         }
     }
 
-    /// In place, a NaN would be in the state before the accumulation could see it: look
-    /// first. Into a spare, the accumulation's own check suffices.
-    fn check_finite(&self, passes: Passes, g: &[f32]) -> Result<(), Error> {
-        if self.spare.is_none() && !passes.all_finite(g) {
+    /// In place, a NaN or an overflow would be in the state before the accumulation could
+    /// see it: look first, in one read of the gradient. Its largest magnitude comes with the
+    /// finiteness check, and with `bound` (the compressor's [`Compressor::state_bound`]) the
+    /// headroom rule proves almost every step safe. Only a state near the limit (or of
+    /// unknown size) takes the rare slow path: measure the state, and if that is not enough
+    /// either, try the step without storing it. Into a spare, the accumulation's own check
+    /// suffices (the old state stays intact until it passed).
+    fn check_headroom(
+        &self,
+        passes: Passes,
+        rule: Momentum,
+        g: &[f32],
+        bound: f32,
+    ) -> Result<(), Error> {
+        if self.spare.is_some() {
+            return Ok(());
+        }
+        let g_max = passes.max_mag(g);
+        if g_max >= INFINITY_BITS {
             return Err(Error::NonFiniteGradient);
         }
-        Ok(())
+        let g_max = f32::from_bits(g_max);
+        if within_headroom(bound, g_max) {
+            return Ok(());
+        }
+        let measured = f32::from_bits(passes.max_mag(self.r).max(passes.max_mag(self.u)));
+        if within_headroom(measured, g_max) {
+            return Ok(());
+        }
+        let u = |i: usize| self.u.get(i).copied().unwrap_or(0.0);
+        let finite = self.r.iter().zip(g).enumerate().all(|(i, (&r, &g))| {
+            let (v, u) = accumulate_one(rule, r, u(i), g);
+            v.is_finite() && u.is_finite()
+        });
+        if finite {
+            Ok(())
+        } else {
+            Err(Error::Overflow)
+        }
     }
 
     /// The accumulation pass (see [`Passes::accumulate`]): from the old state into the spare
@@ -170,8 +215,9 @@ impl State<'_> {
                 u: self.u,
             },
         };
-        let count = passes.accumulate(rule, upd, g, gather_at, list)?;
+        let Accumulated { count, max_mag } = passes.accumulate(rule, upd, g, gather_at, list)?;
         self.moved = self.spare.is_some();
+        self.max_mag = max_mag;
         Ok(count)
     }
 }
@@ -187,7 +233,16 @@ pub struct Compressor {
     pub controller: ThresholdController,
     /// Threads for the passes over the whole tensor (feature `std`; 1 otherwise).
     threads: usize,
+    /// An upper bound on every `|residual|` and `|velocity|` entry, kept from the last pass
+    /// (0 for the zero state; `f32::INFINITY`: unknown). The in-place path proves with it
+    /// that a step cannot overflow (see [`Compressor::compress`]). Whoever writes the
+    /// residual or velocity buffers other than through this compressor (a checkpoint
+    /// loaded into them) sets it to `f32::INFINITY`, or to the checkpoint's bound.
+    pub state_bound: f32,
 }
+
+/// Bits of `f32::INFINITY`: magnitude bits at or above it are not finite.
+const INFINITY_BITS: u32 = 0x7f80_0000;
 
 /// Which entries the selection picked; the emission loops iterate it twice (statistics,
 /// then encoding), so it must be a pure function of `v` and the scratch list.
@@ -222,6 +277,7 @@ impl Compressor {
             step: 0,
             controller: ThresholdController::new(),
             threads: 1,
+            state_bound: 0.0,
         })
     }
 
@@ -292,16 +348,41 @@ impl Compressor {
 
     /// Compresses one gradient into `out` and updates the state; returns the message length.
     ///
-    /// On [`Error::NonFiniteGradient`] (the gradient holds NaN or infinity) and on length
-    /// errors the state is unchanged. [`Error::Overflow`] (a finite gradient whose sum with
-    /// the state overflows f32) leaves it unchanged too with a [`Buffers::spare`]; without
-    /// one the residual then holds infinities. With a spare, every error leaves the state
-    /// unchanged and the new state of a success is in the spare ([`StepInfo::swapped`]).
+    /// All or nothing: every error ([`Error::NonFiniteGradient`]: the gradient holds NaN or
+    /// infinity; [`Error::Overflow`]: a finite gradient whose sum with the state would
+    /// overflow f32; length and buffer errors) leaves the state (residual, velocity, step,
+    /// controller, [`Compressor::state_bound`]) exactly as it was. With a [`Buffers::spare`]
+    /// the new state of a success is in the spare ([`StepInfo::swapped`]).
+    ///
+    /// In place, overflow is ruled out before anything is written, without a second pass:
+    /// the finiteness check of the gradient also yields its largest magnitude `G`, and
+    /// [`Compressor::state_bound`] `B` bounds the state (kept from the previous pass at no
+    /// cost: twice the largest accumulated magnitude, as a sent entry's error is at most
+    /// twice its value for every quantiser). `2 (B + G) <= 2^127` proves the step safe; only
+    /// a state within a factor of about four of overflowing measures itself (one more pass)
+    /// and, if still in doubt, tries the step without storing it.
     pub fn compress(
         &mut self,
         bufs: Buffers<'_>,
         grad: &[f32],
         out: &mut [u8],
+    ) -> Result<StepInfo, Error> {
+        self.compress_recording(bufs, grad, out, None)
+    }
+
+    /// [`Compressor::compress`], calling `record(index, v, u)` for every entry the message
+    /// sends with its value before it was taken out of the residual and its velocity before
+    /// factor masking: an undo record of `nnz` entries (in increasing index order). Writing
+    /// them back into the residual and velocity (and the step and controller as they were
+    /// before the call) undoes the message bit-exactly; [`crate::OwnedCompressor::restore`]
+    /// does it. `record` is called after every check that can fail: once called, the call
+    /// succeeds.
+    pub fn compress_recording(
+        &mut self,
+        bufs: Buffers<'_>,
+        grad: &[f32],
+        out: &mut [u8],
+        record: Option<&mut dyn FnMut(usize, f32, f32)>,
     ) -> Result<StepInfo, Error> {
         let n = self.numel;
         let (mut state, scratch) = self.state(bufs, grad)?;
@@ -312,14 +393,21 @@ impl Compressor {
             return Err(Error::ScratchTooSmall);
         }
         let passes = Passes::new(self.threads);
-        state.check_finite(passes, grad)?;
         let cfg = self.config;
+        state.check_headroom(passes, cfg.momentum, grad, self.state_bound)?;
         let (picked, target, crossed) = self.select(passes, &mut state, grad, scratch)?;
         let swapped = state.moved;
+        // A sent entry keeps `v - q(v)`, `q(v)` of v's sign and at most about |v|: at most 2|v|.
+        let bound = f32::from_bits(state.max_mag) * 2.0;
         let (residual, velocity) = state.now_mut();
+        if let Some(record) = record {
+            let u = |i: usize| velocity.get(i).copied().unwrap_or(0.0);
+            for_each_picked(picked, scratch, residual, |i, v| record(i, *v, u(i)));
+        }
         if let Picked::All = picked {
             if let Some(bytes) = self.emit_dense(passes, residual, velocity, out)? {
                 self.step += 1;
+                self.state_bound = bound;
                 return Ok(StepInfo {
                     bytes,
                     nnz: n,
@@ -443,6 +531,7 @@ impl Compressor {
             }
         }
         self.step += 1;
+        self.state_bound = bound;
         Ok(StepInfo {
             bytes: total,
             nnz,
@@ -460,9 +549,26 @@ impl Compressor {
     pub fn accumulate(&mut self, bufs: Buffers<'_>, grad: &[f32]) -> Result<bool, Error> {
         let (mut state, _) = self.state(bufs, grad)?;
         let passes = Passes::new(self.threads);
-        state.check_finite(passes, grad)?;
-        state.accumulate(passes, self.config.momentum, grad, None, &mut [])?;
+        let rule = self.config.momentum;
+        state.check_headroom(passes, rule, grad, self.state_bound)?;
+        state.accumulate(passes, rule, grad, None, &mut [])?;
+        self.state_bound = f32::from_bits(state.max_mag);
         Ok(state.moved)
+    }
+
+    /// Adds a message back into the residual (`residual += decode(msg)`): a message the
+    /// transport could not deliver is not lost. Exact up to one f32 rounding per entry
+    /// (`(v - q) + q` may differ from `v` in the last bit); the velocity's factor masking
+    /// is not undone (the message does not hold it): the exact undo of the last message is
+    /// [`crate::OwnedCompressor::restore`]. All or nothing: a message that does not decode
+    /// (or is for another size) changes nothing. [`Compressor::state_bound`] becomes unknown.
+    pub fn restore_message(&mut self, residual: &mut [f32], msg: &[u8]) -> Result<(), Error> {
+        if residual.len() != self.numel {
+            return Err(Error::LengthMismatch);
+        }
+        crate::wire::decode_add(msg, residual, 1.0)?;
+        self.state_bound = f32::INFINITY;
+        Ok(())
     }
 
     /// The lent buffers as this call's [`State`] (and the scratch), lengths checked.
@@ -495,6 +601,7 @@ impl Compressor {
                 velocity: &mut s.velocity[..vn],
             }),
             moved: false,
+            max_mag: 0,
         };
         Ok((state, scratch))
     }

@@ -46,7 +46,7 @@ pub enum Error {
     LengthMismatch,
     /// The gradient contains NaN or infinity; the state was left unchanged.
     NonFiniteGradient,
-    /// Accumulating the gradient overflowed f32; the residual now holds infinities.
+    /// Accumulating the gradient would overflow f32; the state was left unchanged.
     Overflow,
     /// An option is out of range (density, threshold, momentum, levels, numel).
     InvalidConfig,
@@ -54,6 +54,8 @@ pub enum Error {
     Incomplete,
     /// A streamed message was fed or finished after it was finished.
     StreamClosed,
+    /// `restore()` without a message: no compress since the last restore, accumulate or load.
+    NothingToRestore,
 }
 
 impl Error {
@@ -80,10 +82,13 @@ impl Error {
             Error::ScratchTooSmall => "scratch buffer is too small",
             Error::LengthMismatch => "buffer length differs from numel",
             Error::NonFiniteGradient => "gradient contains NaN or infinity (state left unchanged)",
-            Error::Overflow => "accumulated gradient overflowed float32",
+            Error::Overflow => "accumulating the gradient would overflow float32",
             Error::InvalidConfig => "invalid compressor configuration",
             Error::Incomplete => "streamed message finished before all elements were fed",
             Error::StreamClosed => "streamed message already finished",
+            Error::NothingToRestore => {
+                "nothing to restore: no message since the last restore, accumulate or load"
+            }
         }
     }
 

@@ -6,7 +6,7 @@ use alloc::vec::Vec;
 
 use crate::compress::{Buffers, Compressor, Config, Spare, StepInfo};
 use crate::pages::zeroed;
-use crate::select::Selection;
+use crate::select::{Selection, ThresholdController};
 use crate::Error;
 
 /// Tensors of at least this many elements (32 MiB of float32) are double-buffered by default
@@ -18,7 +18,8 @@ use crate::Error;
 pub const DOUBLE_BUFFER_MIN: usize = 1 << 23;
 
 /// A compressor that owns its state; allocation happens in [`OwnedCompressor::new`] (and
-/// in [`OwnedCompressor::set_double_buffering`]), never while compressing.
+/// in [`OwnedCompressor::set_double_buffering`]); while compressing only the undo record
+/// grows, when a message has more entries than any before (it is then reused).
 #[derive(Clone, Debug)]
 pub struct OwnedCompressor {
     core: Compressor,
@@ -28,6 +29,33 @@ pub struct OwnedCompressor {
     /// The spare residual and velocity of double buffering (see [`Spare`]), swapped with
     /// `residual` and `velocity` after each message.
     spare: Option<(Vec<f32>, Vec<f32>)>,
+    /// What [`OwnedCompressor::restore`] writes back: the last message's entries.
+    undo: Undo,
+    /// The record being written by a compress (becomes `undo` when it succeeds).
+    pending: Undo,
+}
+
+/// The undo record of one message: the sent entries' values before they were taken out
+/// of the residual and their velocities before factor masking, with the counters before
+/// the call. O(nnz) words.
+#[derive(Clone, Debug, Default)]
+struct Undo {
+    /// Holds a message that can be restored.
+    valid: bool,
+    step: u64,
+    controller: ThresholdController,
+    indices: Vec<u32>,
+    residual: Vec<f32>,
+    velocity: Vec<f32>,
+}
+
+impl Undo {
+    fn clear(&mut self) {
+        self.valid = false;
+        self.indices.clear();
+        self.residual.clear();
+        self.velocity.clear();
+    }
 }
 
 impl OwnedCompressor {
@@ -40,6 +68,8 @@ impl OwnedCompressor {
             velocity: zeroed(core.velocity_len()),
             scratch: zeroed(core.scratch_len()),
             spare: None,
+            undo: Undo::default(),
+            pending: Undo::default(),
             core,
         };
         c.set_double_buffering(numel >= DOUBLE_BUFFER_MIN);
@@ -64,8 +94,9 @@ impl OwnedCompressor {
         &self.core
     }
 
-    /// Mutable counters (for restoring a checkpoint).
+    /// Mutable counters (for restoring a checkpoint). Drops the undo record.
     pub fn core_mut(&mut self) -> &mut Compressor {
+        self.undo.clear();
         &mut self.core
     }
 
@@ -74,8 +105,10 @@ impl OwnedCompressor {
         &self.residual
     }
 
-    /// Mutable residual (for restoring a checkpoint).
+    /// Mutable residual (for restoring a checkpoint). Drops the undo record and marks the
+    /// state's bound unknown ([`Compressor::state_bound`]).
     pub fn residual_mut(&mut self) -> &mut [f32] {
+        self.forget();
         &mut self.residual
     }
 
@@ -84,14 +117,24 @@ impl OwnedCompressor {
         &self.velocity
     }
 
-    /// Mutable velocity (for restoring a checkpoint).
+    /// Mutable velocity (for restoring a checkpoint); as [`OwnedCompressor::residual_mut`].
     pub fn velocity_mut(&mut self) -> &mut [f32] {
+        self.forget();
         &mut self.velocity
     }
 
-    /// Changes the selection rule, keeping the state; grows the scratch if needed.
+    /// The state is about to be written from outside: no undo, bound unknown.
+    fn forget(&mut self) {
+        self.undo.clear();
+        self.core.state_bound = f32::INFINITY;
+    }
+
+    /// Changes the selection rule, keeping the state; grows the scratch if needed. On error
+    /// nothing changed; on success the undo record is dropped (it restores the counters of
+    /// the old rule).
     pub fn set_selection(&mut self, selection: Selection) -> Result<(), Error> {
         self.core.set_selection(selection)?;
+        self.undo.clear();
         let need = self.core.scratch_len();
         if self.scratch.len() < need {
             self.scratch.resize(need, 0);
@@ -109,14 +152,74 @@ impl OwnedCompressor {
         self.core.max_message_len()
     }
 
-    /// Compresses `grad` into `out`; see [`Compressor::compress`].
+    /// Compresses `grad` into `out`; see [`Compressor::compress`] (every error leaves the
+    /// state, and the undo record of the previous message, as they were). Keeps an undo
+    /// record of this message for [`OwnedCompressor::restore`].
     pub fn compress(&mut self, grad: &[f32], out: &mut [u8]) -> Result<StepInfo, Error> {
+        let mut pending = core::mem::take(&mut self.pending);
+        pending.clear();
+        (pending.step, pending.controller) = (self.core.step, self.core.controller);
+        let momentum = self.core.config().momentum.has_velocity();
+        let mut record = |i: usize, v: f32, u: f32| {
+            pending.indices.push(i as u32);
+            pending.residual.push(v);
+            if momentum {
+                pending.velocity.push(u);
+            }
+        };
         let (core, bufs) = self.lend();
-        let info = core.compress(bufs, grad, out)?;
-        if info.swapped {
-            self.swap();
+        let result = core.compress_recording(bufs, grad, out, Some(&mut record));
+        if let Ok(info) = result {
+            if info.swapped {
+                self.swap();
+            }
+            pending.valid = true;
+            core::mem::swap(&mut self.undo, &mut pending);
         }
-        Ok(info)
+        self.pending = pending;
+        result
+    }
+
+    /// Puts the entries of the last message back, bit-exactly: the residual and velocity
+    /// (factor masking undone), the step and the adaptive controller are exactly as after
+    /// accumulating that gradient without sending (as [`OwnedCompressor::accumulate`]
+    /// would have left them). A message the transport could not deliver is not lost:
+    /// compress `g1`, restore, compress `g2` gives the bytes and state of accumulate `g1`,
+    /// compress `g2`. O(nnz). Available once per message, until the next compress,
+    /// accumulate, restore, set_selection or state write; otherwise
+    /// [`Error::NothingToRestore`] and nothing changes.
+    pub fn restore(&mut self) -> Result<(), Error> {
+        if !self.undo.valid {
+            return Err(Error::NothingToRestore);
+        }
+        let u = &mut self.undo;
+        for (j, &i) in u.indices.iter().enumerate() {
+            let i = i as usize;
+            if let (Some(r), Some(&v)) = (self.residual.get_mut(i), u.residual.get(j)) {
+                *r = v;
+            }
+            if let (Some(x), Some(&v)) = (self.velocity.get_mut(i), u.velocity.get(j)) {
+                *x = v;
+            }
+        }
+        // The bound stays valid: the values put back were within it.
+        (self.core.step, self.core.controller) = (u.step, u.controller);
+        u.clear();
+        Ok(())
+    }
+
+    /// Adds any earlier message back into the residual; see [`Compressor::restore_message`]
+    /// (exact up to one f32 rounding per entry, velocity masking not undone). All or
+    /// nothing; drops the undo record.
+    pub fn restore_message(&mut self, msg: &[u8]) -> Result<(), Error> {
+        self.core.restore_message(&mut self.residual, msg)?;
+        self.undo.clear();
+        Ok(())
+    }
+
+    /// Whether [`OwnedCompressor::restore`] has a message to put back.
+    pub fn can_restore(&self) -> bool {
+        self.undo.valid
     }
 
     /// The counters and the owned tensors, lent to them for one call.
@@ -147,6 +250,7 @@ impl OwnedCompressor {
         if core.accumulate(bufs, grad)? {
             self.swap();
         }
+        self.undo.clear();
         Ok(())
     }
 

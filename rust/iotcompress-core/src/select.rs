@@ -160,6 +160,14 @@ impl ThresholdController {
         }
     }
 
+    /// Whether this is a state the controller can be in: both fields finite and `>= 0` (a
+    /// threshold of infinity would never send anything again). Checked before a loaded
+    /// checkpoint is taken.
+    pub fn is_valid(&self) -> bool {
+        let ok = |x: f32| x.is_finite() && x >= 0.0;
+        ok(self.threshold) && ok(self.bits_per_entry)
+    }
+
     /// The entry count to aim at this step.
     pub fn target_count(&self, target: Target, numel: usize, value_bits: u32) -> usize {
         match target {

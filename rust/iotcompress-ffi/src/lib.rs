@@ -439,6 +439,12 @@ pub struct IotcompressCompressor {
     pub adaptive_threshold: f32,
     /// Adaptive selections: measured bits per sent entry of the last message.
     pub adaptive_bits_per_entry: f32,
+    /// An upper bound on every |residual| and |velocity| entry, kept by the compressor so
+    /// that it can rule out an overflow before it writes anything (0 after
+    /// `iotcompress_init`). After writing the residual or velocity yourself (other than
+    /// restoring a checkpoint together with this struct), set it to `INFINITY`: the next
+    /// step then measures the state.
+    pub state_bound: f32,
 }
 
 /// How large the caller's buffers must be for a configuration and element count.
@@ -737,8 +743,8 @@ impl IotcompressConfig {
 
 impl IotcompressCompressor {
     /// The core compressor with this state's counters. `Compressor` is configuration plus
-    /// `step` and `controller`, all carried here (a test in `tests/abi.rs` notices if the
-    /// core's struct grows).
+    /// `step`, `controller` and `state_bound`, all carried here (a test in `tests/abi.rs`
+    /// notices if the core's struct grows).
     fn core_compressor(&self) -> Result<Compressor, Status> {
         if self.magic != IOTCOMPRESS_STATE_MAGIC {
             return Err(Status::ErrBadState);
@@ -749,6 +755,7 @@ impl IotcompressCompressor {
             threshold: self.adaptive_threshold,
             bits_per_entry: self.adaptive_bits_per_entry,
         };
+        c.state_bound = self.state_bound;
         Ok(c)
     }
 
@@ -757,6 +764,7 @@ impl IotcompressCompressor {
         self.step = c.step;
         self.adaptive_threshold = c.controller.threshold;
         self.adaptive_bits_per_entry = c.controller.bits_per_entry;
+        self.state_bound = c.state_bound;
     }
 }
 
@@ -1181,6 +1189,7 @@ unsafe fn init_impl(
         numel,
         adaptive_threshold: 0.0,
         adaptive_bits_per_entry: 0.0,
+        state_bound: 0.0,
     };
     // SAFETY: forwarded contract: `state` is writable.
     unsafe { write_opt(state, fresh) }
@@ -1195,13 +1204,13 @@ unsafe fn init_impl(
 /// counts), and `out_cap` must be at least `max_message_len`. On success `*info` (if not
 /// NULL) receives the message length and entry count.
 ///
-/// Errors: `IOTCOMPRESS_ERR_NON_FINITE_GRADIENT` (state unchanged),
-/// `IOTCOMPRESS_ERR_OVERFLOW` (the residual now holds infinities),
-/// `IOTCOMPRESS_ERR_LENGTH_MISMATCH`, `IOTCOMPRESS_ERR_SCRATCH_TOO_SMALL`,
-/// `IOTCOMPRESS_ERR_BUFFER_TOO_SMALL`, `IOTCOMPRESS_ERR_BAD_STATE`,
-/// `IOTCOMPRESS_ERR_INVALID_CONFIG` (a field of `state->config` was changed to a bad value),
-/// `IOTCOMPRESS_ERR_NULL_POINTER`, `IOTCOMPRESS_ERR_MISALIGNED`, `IOTCOMPRESS_ERR_OVERLAP`.
-/// Length, pointer and state errors leave every buffer unchanged.
+/// Errors: `IOTCOMPRESS_ERR_NON_FINITE_GRADIENT`, `IOTCOMPRESS_ERR_OVERFLOW` (the sum with
+/// the state would overflow float32), `IOTCOMPRESS_ERR_LENGTH_MISMATCH`,
+/// `IOTCOMPRESS_ERR_SCRATCH_TOO_SMALL`, `IOTCOMPRESS_ERR_BUFFER_TOO_SMALL`,
+/// `IOTCOMPRESS_ERR_BAD_STATE`, `IOTCOMPRESS_ERR_INVALID_CONFIG` (a field of `state->config`
+/// was changed to a bad value), `IOTCOMPRESS_ERR_NULL_POINTER`, `IOTCOMPRESS_ERR_MISALIGNED`,
+/// `IOTCOMPRESS_ERR_OVERLAP`. All or nothing: on every error `*state`, the residual and the
+/// velocity are exactly as they were (the scratch and `out` may have been written).
 ///
 /// # Safety
 /// Every non-NULL pointer must point at as many live elements as its length says (`state`,
@@ -1285,6 +1294,62 @@ unsafe fn compress_impl(
     };
     // SAFETY: forwarded contract: `info` is NULL or writable.
     unsafe { write_opt(info, step) }
+}
+
+/// Puts a message that could not be delivered back into the state: `residual += message`
+/// (error feedback then sends its entries again later; nothing is lost). Exact up to one
+/// float32 rounding per entry; the velocity's factor masking is not undone. All or nothing:
+/// a message that does not verify (or is for another element count:
+/// `IOTCOMPRESS_ERR_NUMEL_MISMATCH`, a residual of another length:
+/// `IOTCOMPRESS_ERR_LENGTH_MISMATCH`) leaves `*state` and the residual unchanged. Sets
+/// `state->state_bound` to `INFINITY` (the next step measures the state once).
+///
+/// # Safety
+/// `state` must be NULL or point at one live `IotcompressCompressor`, `residual` at
+/// `residual_len` writable floats, `msg` at `msg_len` readable bytes (NULL only with length
+/// 0); no other thread may access them during the call.
+#[no_mangle]
+pub unsafe extern "C" fn iotcompress_restore(
+    state: *mut IotcompressCompressor,
+    residual: *mut f32,
+    residual_len: usize,
+    msg: *const u8,
+    msg_len: usize,
+) -> IotcompressStatus {
+    // SAFETY: forwarded contract.
+    status(unsafe { restore_impl(state, residual, residual_len, msg, msg_len) })
+}
+
+/// The body of `iotcompress_restore`.
+///
+/// # Safety
+/// As for `iotcompress_restore`.
+unsafe fn restore_impl(
+    state: *mut IotcompressCompressor,
+    residual: *mut f32,
+    residual_len: usize,
+    msg: *const u8,
+    msg_len: usize,
+) -> Result<(), Status> {
+    if state.is_null() || residual.is_null() {
+        return Err(Status::ErrNullPointer);
+    }
+    let written = [Span::of(residual, residual_len), Span::of(state, 1)];
+    let read = Span::of(msg, msg_len);
+    if written[0].overlaps(written[1]) || written.iter().any(|w| w.overlaps(read)) {
+        return Err(Status::ErrOverlap);
+    }
+    // SAFETY: forwarded contract: `state` is writable for one struct.
+    let st = unsafe { reference_mut(state) }?;
+    // SAFETY: forwarded contract: `residual` holds `residual_len` writable floats, disjoint
+    // from the others (checked above).
+    let residual = unsafe { slice_mut(residual, residual_len) }?;
+    // SAFETY: forwarded contract: `msg` holds `msg_len` readable bytes.
+    let msg = unsafe { slice(msg, msg_len) }?;
+    let mut c = st.core_compressor()?;
+    c.restore_message(residual, msg)?;
+    st.store(&c);
+    Ok(())
 }
 
 /// Adds `scale * value` of every entry of message `msg` into `out[index]` (a server summing

@@ -614,7 +614,7 @@ fn every_code_has_a_name_and_the_header_agrees() {
 fn state_layout_is_stable() {
     // The header's structs, as C compilers lay them out on 32- and 64-bit targets.
     assert_eq!(std::mem::size_of::<IotcompressConfig>(), 56);
-    assert_eq!(std::mem::size_of::<IotcompressCompressor>(), 80);
+    assert_eq!(std::mem::size_of::<IotcompressCompressor>(), 88);
     assert_eq!(std::mem::align_of::<IotcompressCompressor>(), 8);
 }
 
@@ -629,6 +629,8 @@ fn the_c_state_carries_everything_the_core_compressor_holds() {
         + std::mem::size_of::<usize>() // numel
         + std::mem::size_of::<u64>() // step
         + std::mem::size_of::<iotcompress_core::ThresholdController>()
-        + std::mem::size_of::<usize>(); // threads
+        + std::mem::size_of::<usize>() // threads
+        + std::mem::size_of::<f32>() // state_bound
+        + 4; // padding
     assert_eq!(core, parts, "iotcompress_core::Compressor changed shape");
 }

@@ -542,7 +542,7 @@ impl Passes {
     }
 
     /// `v` (and the new velocity) into `upd`'s destination, gathering `|v| >= gather_at`
-    /// into `list`; the candidate count. When a new value is not finite:
+    /// into `list`; the candidate count and the largest new magnitude. When a new value is not finite:
     /// [`Error::NonFiniteGradient`] if `g` is not finite, else [`Error::Overflow`].
     pub fn accumulate(
         &self,
@@ -551,13 +551,13 @@ impl Passes {
         g: &[f32],
         gather_at: Option<u32>,
         list: &mut [u32],
-    ) -> Result<usize, Error> {
+    ) -> Result<Accumulated, Error> {
         #[cfg(feature = "std")]
         let a = parallel::accumulate_par(self.level, self.threads, rule, upd, g, gather_at, list);
         #[cfg(not(feature = "std"))]
         let a = accumulate(self.level, rule, upd, g, gather_at, list, 0);
         if a.finite() {
-            Ok(a.count)
+            Ok(a)
         } else if self.all_finite(g) {
             Err(Error::Overflow)
         } else {
