@@ -90,10 +90,9 @@ def compressor_states(compressors: Mapping[str, ic.Compressor]) -> Dict[str, Any
 
 
 def undo_of_compress(comp: ic.Compressor) -> Callable[[], None]:
-    """How to take back the compress about to run: :meth:`iotcompress.Compressor.restore`
-    (an O(k) undo record of the last message), or where that is missing the state from
-    before (a copy of the residual and velocity)."""
-    restore = getattr(comp, "restore", None)
-    if restore is not None:
-        return restore
+    """How to take back the compress about to run, leaving the compressor exactly as it was
+    (residual, velocity, counters): its state from before, a copy. Not
+    :meth:`iotcompress.Compressor.restore`: that is O(nnz) but leaves the state of an
+    *accumulate* of the gradient (nothing lost, but not "unchanged"); switching to it is a
+    change of these faces' guarantee (docs/torch.md) still to be made."""
     return functools.partial(comp.load_state_dict, comp.state_dict())

@@ -113,9 +113,9 @@ def register_gradient_hooks(
     On error, per parameter all or nothing: a gradient with NaN or infinity raises
     :class:`iotcompress.CompressError` from ``backward()`` with that parameter's compressor
     unchanged (messages of parameters hooked earlier in the backward were sent already);
-    if ``send`` raises, the message's entries are put back into the residual
-    (:meth:`iotcompress.Compressor.restore`) before the error propagates, so an undelivered
-    message is not lost.
+    if ``send`` raises, the compressor is put back exactly as it was before that compress
+    (a copy of its state kept during the call) before the error propagates, so an
+    undelivered message is not lost: its gradient is simply not taken yet.
 
     Example::
 
@@ -142,7 +142,7 @@ def register_gradient_hooks(
             try:
                 send(name, msg)
             except BaseException:
-                undo()  # not delivered: its entries go back into the residual
+                undo()  # not delivered: the compressor is as before it
                 raise
 
         handles.append(param.register_post_accumulate_grad_hook(hook))

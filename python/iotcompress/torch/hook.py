@@ -739,8 +739,7 @@ def _bucket_layout(bucket: dist.GradBucket) -> List[Tuple[torch.Tensor, int, int
 def _compress_bucket(state: CompressionState, bucket: dist.GradBucket, grad: np.ndarray,
                      layout: List[Tuple[torch.Tensor, int, int, int]], world: int) -> Tuple[bytes, bytes]:
     """This rank's header and framed bucket. All or nothing: on any error every compressor
-    of the bucket is put back (:meth:`iotcompress.Compressor.restore` after a compress, the
-    saved state after an accumulate) and the header says FAILED (the error is kept in the
+    of the bucket is put back to its state from before (a copy kept during the call) and the header says FAILED (the error is kept in the
     step), or, for a :class:`iotcompress.CompressError` under ``on_nonfinite="skip"``, SAT_OUT
     for the rest of the step."""
     step = state._step
