@@ -5,6 +5,7 @@
   compression over gloo or NCCL.
 * :func:`register_gradient_hooks` and :func:`apply_messages`: per-parameter compression
   without DDP (parameter servers, federated rounds, custom transports).
+* :class:`RankStates`: every rank's hook state in one checkpoint, each rank restoring its own.
 
 Example (the DGC recipe: momentum correction in the hook, plain SGD in the optimizer)::
 
@@ -16,11 +17,13 @@ Example (the DGC recipe: momentum correction in the hook, plain SGD in the optim
 
 from .grad_hooks import GradientHooks, apply_messages, register_gradient_hooks
 from .hook import CompressionState, compression_hook, warmup_density
+from .checkpoint import RankStates
 
 __all__ = [
     "CompressionState",
     "compression_hook",
     "warmup_density",
+    "RankStates",
     "GradientHooks",
     "register_gradient_hooks",
     "apply_messages",
