@@ -108,6 +108,50 @@ def readme(out, phase):
     dist.destroy_process_group()
 
 
+def dense(out, quant):
+    """20 steps of the digits MLP on 2 gloo ranks, once with PyTorch's own hook for ``quant``
+    (allreduce_hook, fp16_compress_hook, bf16_compress_hook) and once with compression_hook
+    and a dense ``CompressionState(quant=quant)``: each run's gradients per step and final
+    weights, and the hook's stats."""
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    theirs = {"f32": default_hooks.allreduce_hook, "f16": default_hooks.fp16_compress_hook,
+              "bf16": default_hooks.bf16_compress_hook}[quant]
+    data = digits()
+    result = {}
+    for name in ("torch", "iotcompress", "sit-out"):
+        model = mlp()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        state = CompressionState(quant=quant)
+        if name == "torch":
+            ddp.register_comm_hook(None, theirs)
+        else:
+            ddp.register_comm_hook(state, compression_hook)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        grads = []
+        for step in range(20):
+            state.participating = not (name == "sit-out" and rank == 1 and step == 0)
+            idx = torch.arange(step * 2 * BATCH + rank * BATCH, step * 2 * BATCH + (rank + 1) * BATCH) % len(data)
+            x, y = data[idx]
+            opt.zero_grad()
+            nn.functional.cross_entropy(ddp(x), y).backward()
+            grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone())
+            opt.step()
+        result[name] = {"grads": grads, "weights": {k: v.clone() for k, v in model.state_dict().items()},
+                        "stats": dict(state.stats)}
+        if name == "sit-out":  # rank 0's own first gradient, for the average over the one sender
+            model = mlp()
+            x, y = data[torch.arange(0, BATCH)]
+            nn.functional.cross_entropy(model(x), y).backward()
+            result["rank0-first"] = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    torch.save(result, os.path.join(out, f"dense_{quant}_rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def accelerate(out, phase):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
@@ -142,4 +186,4 @@ def accelerate(out, phase):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     face, out, phase = sys.argv[1:4]
-    {"lightning": lightning, "accelerate": accelerate, "readme": readme}[face](out, phase)
+    {"lightning": lightning, "accelerate": accelerate, "readme": readme, "dense": dense}[face](out, phase)

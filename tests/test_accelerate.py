@@ -13,6 +13,7 @@ from iotcompress.torch import CompressionState
 
 @pytest.mark.slow
 @pytest.mark.distributed
+@pytest.mark.timeout(900)  # launches of 2 processes: slow on a busy machine
 def test_torchrun_calls_the_hook_saves_and_resumes_bit_identically(tmp_path):
     for phase in ("full", "resume"):
         faces_check.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

@@ -2,6 +2,7 @@
 line on a terminal, plain lines in a log)."""
 
 import os
+import select
 import subprocess
 import sys
 
@@ -47,7 +48,10 @@ def test_progress_on_a_terminal_is_one_live_line():
                 bar._last_draw = 0.0  # redraw every update: the bar limits itself to 10 draws a second
                 bar.update(i)
             bar.close()
-        out = os.read(leader, 65536).decode()
+        out = b""
+        while select.select([leader], [], [], 1.0)[0]:  # a pty hands the writes back one by one
+            out += os.read(leader, 65536)
+        out = out.decode()
     finally:
         os.close(leader)
         os.close(follower)

@@ -14,6 +14,7 @@ from iotcompress.torch import CompressionState
 
 @pytest.mark.slow
 @pytest.mark.distributed
+@pytest.mark.timeout(900)  # launches of 2 processes: slow on a busy machine
 def test_trainer_calls_the_hook_checkpoints_and_resumes_bit_identically(tmp_path):
     for phase in ("full", "resume"):
         faces_check.run([sys.executable, faces_check.SCRIPT, "lightning", str(tmp_path), phase], tmp_path)

@@ -17,6 +17,7 @@ def torchrun(tmp_path, phase):
 
 @pytest.mark.slow
 @pytest.mark.distributed
+@pytest.mark.timeout(900)  # launches of 2 processes: slow on a busy machine
 def test_readme_checkpoint_resumes_bit_identically_on_every_rank(tmp_path):
     torchrun(tmp_path, "first")
     ckpt = torch.load(tmp_path / "resumed" / "ckpt.pt")  # the defaults: weights_only=True
