@@ -20,23 +20,32 @@ for wheel in "${wheels[@]}"; do
   echo "== $(basename "$wheel")"
   report=$("$py" -m auditwheel show "$wheel")
   echo "$report"
-  grep -q "consistent with the following platform tag: \"manylinux_2_17_$arch\"" <<<"$report" \
+  # (auditwheel wraps its lines: join them before matching)
+  tr '\n' ' ' <<<"$report" | grep -q "consistent with the following platform tag: \"manylinux_2_17_$arch\"" \
     || fail "$wheel: auditwheel does not find it manylinux_2_17 ($arch) compatible"
   "$py" -m abi3audit --strict --report "$wheel" || fail "$wheel: abi3audit found symbols outside the stable ABI"
   names=$("$py" -m zipfile -l "$wheel")
   for f in LICENSE-MIT LICENSE-APACHE; do grep -q "$f" <<<"$names" || fail "$wheel: no $f"; done
-  # stripped: no symbol table left in the extension
+  # stripped: no .symtab or .debug_* section in the extension (ELF64 little-endian section headers)
   "$py" - "$wheel" <<'PY' || fail "$wheel: the extension is not stripped"
-import sys, zipfile
+import struct, sys, zipfile
 z = zipfile.ZipFile(sys.argv[1])
 so = next(n for n in z.namelist() if n.endswith(".so"))
-data = z.read(so)
-assert b".symtab" not in data and b".debug_info" not in data, so
-print(f"{so}: {len(data):,} bytes, stripped")
+elf = z.read(so)
+shoff, = struct.unpack_from("<Q", elf, 0x28)
+shentsize, shnum, shstrndx = struct.unpack_from("<HHH", elf, 0x3A)
+def section(i):
+    return struct.unpack_from("<IIQQQQ", elf, shoff + i * shentsize)
+names_at = section(shstrndx)[4]
+names = [elf[names_at + section(i)[0]:].split(b"\0", 1)[0].decode() for i in range(shnum)]
+left = [n for n in names if n == ".symtab" or n.startswith(".debug")]
+assert not left, f"{so}: {left}"
+print(f"{so}: {len(elf):,} bytes, stripped ({shnum} sections, no .symtab)")
 PY
 done
+sdist_names=$(tar -tzf "${sdists[0]}")
 for f in LICENSE-MIT LICENSE-APACHE; do
-  tar -tzf "${sdists[0]}" | grep -q "/$f$" || fail "${sdists[0]}: no $f"
+  grep -q "/$f$" <<<"$sdist_names" || fail "${sdists[0]}: no $f"
 done
 
 x86=$(printf '%s\n' "${wheels[@]}" | grep '_x86_64\.whl$')
