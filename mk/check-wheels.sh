@@ -52,8 +52,9 @@ x86=$(printf '%s\n' "${wheels[@]}" | grep '_x86_64\.whl$')
 venv=$(mktemp -d)/venv
 trap 'rm -rf "$(dirname "$venv")"' EXIT
 python3 -m venv "$venv"
-# No cargo, rustc or maturin on this PATH, and binaries only: nothing may be built.
-clean_path="$venv/bin:/usr/local/bin:/usr/bin:/bin"
+# Nothing but the venv on PATH (Debian's cargo lives in /usr/bin here), binaries only:
+# nothing may be built.
+clean_path="$venv/bin"
 for tool in cargo rustc maturin; do
   if PATH=$clean_path command -v "$tool" >/dev/null; then fail "$tool is on the clean PATH ($(PATH=$clean_path command -v $tool))"; fi
 done
