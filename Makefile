@@ -7,7 +7,7 @@ CARGO   ?= cargo
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-PY_DEPS := "maturin>=1.5,<2" "numpy>=1.21" "pytest>=7" "pytest-timeout>=2" "hypothesis>=6" "torch>=2.1" "scikit-learn>=1.0" "matplotlib>=3.5"
+PY_DEPS := "maturin>=1.5,<2" "numpy>=1.21" "pytest>=7" "pytest-timeout>=2" "hypothesis>=6" "torch>=2.1" "scikit-learn>=1.0" "matplotlib>=3.5" "lightning>=2.2" "accelerate>=0.30"
 
 .PHONY: demo test rust-test clippy nostd-check py-test develop deps lint fmt clean bench aarch64-test
 
@@ -84,3 +84,4 @@ clean:
 	rm -rf $(VENV)
 
 include mk/mcu.mk
+include mk/wheels.mk
