@@ -109,6 +109,8 @@ impl NoveltyConfig {
     }
 
     /// Checks every option; `InvalidConfig` names nothing, so the faces check with reasons.
+    // `is_multiple_of` is newer than Debian's rustc (1.85), which builds the core for Cortex-M.
+    #[allow(clippy::manual_is_multiple_of)]
     pub fn validate(&self) -> Result<(), Error> {
         let ok = self.dim > 0
             && self.channels > 0
@@ -253,7 +255,8 @@ impl NoveltyFilter {
                 break;
             }
         }
-        let keep = !(nearest < limit);
+        // `f32::min` skips NaN, so `nearest` is a number or infinity.
+        let keep = nearest >= limit;
         self.seen += 1;
         if keep {
             self.kept += 1;

@@ -2,6 +2,7 @@
 //! views, scanned whole), and its promises: deterministic, fixed memory, the exact variant
 //! never keeps two remembered samples closer than its threshold, errors change nothing, the
 //! adaptive threshold keeps about the fraction asked for.
+#![allow(clippy::unwrap_used)]
 
 use iotcompress_core::novelty::{
     bank_len, make_view, squared_distance, view_len, Metric, NoveltyConfig, NoveltyFilter,
