@@ -7,9 +7,9 @@ CARGO   ?= cargo
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-PY_DEPS := "maturin>=1.5,<2" "numpy>=1.21" "pytest>=7" "pytest-timeout>=2" "hypothesis>=6" "torch>=2.1" "scikit-learn>=1.0" "matplotlib>=3.5" "lightning>=2.2" "accelerate>=0.30"
+PY_DEPS := "maturin>=1.5,<2" "numpy>=1.21" "pytest>=7" "pytest-timeout>=2" "hypothesis>=6" "torch>=2.1" "scikit-learn>=1.0" "matplotlib>=3.5" "lightning>=2.2" "accelerate>=0.30" "aeon>=1.0"
 
-.PHONY: demo test rust-test clippy nostd-check py-test develop deps lint fmt clean bench aarch64-test
+.PHONY: novelty-eval demo test rust-test clippy nostd-check py-test develop deps lint fmt clean bench aarch64-test
 
 demo: develop
 	$(VENV)/bin/iotcompress demo
@@ -72,6 +72,11 @@ py-test: develop
 # BENCH_ARGS=--quick for a short run.
 bench: develop
 	$(PY) benches/suite.py $(BENCH_ARGS)
+
+# The novelty filter's evaluation on aeon's bundled sensor data (about 5 minutes on two
+# cores): rewrites docs/novelty/ and the results section of docs/novelty.md. Not a test.
+novelty-eval: develop
+	nice -n 19 $(PY) benches/novelty_eval.py $(NOVELTY_ARGS)
 
 lint: clippy
 	$(CARGO) fmt --all -- --check
