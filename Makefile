@@ -7,9 +7,9 @@ CARGO   ?= cargo
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-PY_DEPS := "maturin>=1.5,<2" "numpy>=1.21" "pytest>=7" "pytest-timeout>=2" "hypothesis>=6" "torch>=2.1" "scikit-learn>=1.0" "matplotlib>=3.5"
+PY_DEPS := "maturin>=1.5,<2" "numpy>=1.21" "pytest>=7" "pytest-timeout>=2" "hypothesis>=6" "torch>=2.1" "scikit-learn>=1.0" "matplotlib>=3.5" "lightning>=2.2" "accelerate>=0.30" "aeon>=1.0"
 
-.PHONY: demo test rust-test clippy nostd-check py-test develop deps lint fmt clean bench aarch64-test
+.PHONY: novelty-eval demo test rust-test clippy nostd-check py-test develop deps lint fmt clean bench aarch64-test
 
 demo: develop
 	$(VENV)/bin/iotcompress demo
@@ -73,6 +73,11 @@ py-test: develop
 bench: develop
 	$(PY) benches/suite.py $(BENCH_ARGS)
 
+# The novelty filter's evaluation on aeon's bundled sensor data (about 5 minutes on two
+# cores): rewrites docs/novelty/ and the results section of docs/novelty.md. Not a test.
+novelty-eval: develop
+	nice -n 19 $(PY) benches/novelty_eval.py $(NOVELTY_ARGS)
+
 lint: clippy
 	$(CARGO) fmt --all -- --check
 
@@ -97,3 +102,4 @@ fuzz:
 	  (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run -O $$t corpus/$$t seeds/$$t -- \
 	    -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1) || exit 1; \
 	done
+include mk/wheels.mk

@@ -1,8 +1,9 @@
 """DDP communication-hook benchmark (not a test): time per training step of a ~25-million
 parameter model, world size 2 (gloo on localhost), for plain allreduce, PyTorch's PowerSGD
-hook and the iotcompress hook. Prints a markdown table.
+hook, PyTorch's fp16_compress_hook and the iotcompress hook (top-0.1 % int8, DGC, dense f16).
+Prints a markdown table.
 
-    .venv/bin/python benches/ddp_hook.py [--steps 8] [--warmup 3]
+    .venv/bin/python benches/ddp_hook.py [--steps 8] [--warmup 3] [--methods fp16,iotcompress-dense-f16]
 
 Each method runs in its own pair of processes, one after the other, on the same machine:
 compare the ratios, not the absolute times (the machine is shared and noisy).
@@ -41,6 +42,14 @@ def worker(rank, world, store, out, method, steps, warmup):
 
             state = powersgd.PowerSGDState(process_group=None, matrix_approximation_rank=4, start_powerSGD_iter=2)
             ddp.register_comm_hook(state, powersgd.powerSGD_hook)
+        elif method == "fp16":
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+        elif method == "iotcompress-dense-f16":
+            from iotcompress.torch import CompressionState, compression_hook
+
+            ddp.register_comm_hook(CompressionState(quant="f16"), compression_hook)
         elif method.startswith("iotcompress"):
             from iotcompress.torch import CompressionState, compression_hook
 
@@ -79,8 +88,10 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--methods", default="allreduce,powersgd,iotcompress,iotcompress+momentum,fp16,iotcompress-dense-f16",
+                   help="comma-separated; the ratios are to the first")
     a = p.parse_args()
-    methods = ["allreduce", "powersgd", "iotcompress", "iotcompress+momentum"]
+    methods = a.methods.split(",")
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for m in methods:
@@ -90,16 +101,18 @@ def main():
                 step, compute, numel = (float(x) for x in f.read().split())
             rows.append((m, step, compute, int(numel)))
             print(f"{m}: {step * 1e3:.0f} ms/step", flush=True)
-    base = rows[0][1]
-    print(f"\n### DDP step time, {rows[0][3]:,} parameters, world size 2, gloo on localhost, batch 32\n")
-    print("| method | ms/step | x allreduce | forward+backward alone (ms) |")
-    print("|---|---|---|---|")
     labels = {
         "allreduce": "allreduce (no hook)",
         "powersgd": "PowerSGD hook, rank 4",
         "iotcompress": "iotcompress top-0.1 % int8",
         "iotcompress+momentum": "iotcompress DGC (momentum 0.9)",
+        "fp16": "PyTorch fp16_compress_hook",
+        "iotcompress-dense-f16": "iotcompress dense f16 (allreduce)",
     }
+    base = rows[0][1]
+    print(f"\n### DDP step time, {rows[0][3]:,} parameters, world size 2, gloo on localhost, batch 32\n")
+    print(f"| method | ms/step | x {labels[rows[0][0]]} | forward+backward alone (ms) |")
+    print("|---|---|---|---|")
     for m, step, compute, _ in rows:
         print(f"| {labels[m]} | {step * 1e3:.0f} | {step / base:.2f} | {compute * 1e3:.0f} |")
 

@@ -37,6 +37,9 @@
  *  follows the residual). For static buffers; the output buffer of a streamed message is
  *  IOTCOMPRESS_MAX_MESSAGE_LEN(numel, value_bits) (or smaller: see docs/mcu.md). */
 #define IOTCOMPRESS_STREAM_STATE_LEN(numel, state_format, with_momentum) (((state_format) == IOTCOMPRESS_STATE_F32 ? 4u * (numel) : (state_format) == IOTCOMPRESS_STATE_INT8 ? (numel) + 4u * (((numel) + 31u) / 32u) : 2u * (numel)) * ((with_momentum) ? 2u : 1u))
+/** Floats of a novelty filter's bank (iotcompress_novelty_bank_len) for samples of @p dim
+ *  values in @p channels rows, pooled by @p pool, remembering @p capacity views. */
+#define IOTCOMPRESS_NOVELTY_BANK_LEN(dim, channels, pool, capacity) (((capacity) + 1u) * (channels) * (((dim) / (channels) + (pool) - 1u) / (pool)))
 
 
 /**
@@ -58,6 +61,21 @@
  * Value of `IotcompressStream.magic` after `iotcompress_stream_init` ("ICT1").
  */
 #define IOTCOMPRESS_STREAM_MAGIC 1229149233
+
+/**
+ * `IotcompressNovelty.magic` once initialised ("ICN1").
+ */
+#define IOTCOMPRESS_NOVELTY_MAGIC 1229147697
+
+/**
+ * Squared L2 distance of the pooled values.
+ */
+#define IOTCOMPRESS_METRIC_EUCLIDEAN 0
+
+/**
+ * Squared L2 distance of centred unit-length views (`2 - 2 cos`).
+ */
+#define IOTCOMPRESS_METRIC_COSINE 1
 
 /**
  * The result of every function: `IOTCOMPRESS_OK` (0) or an error code.
@@ -591,6 +609,80 @@ typedef struct IotcompressStreamInfo {
    */
   float scale;
 } IotcompressStreamInfo;
+
+/**
+ * The options of a novelty filter (see `iotcompress_novelty_config_default`).
+ */
+typedef struct IotcompressNoveltyConfig {
+  /**
+   * Values in one sample: `channels` rows of `dim / channels`, row after row.
+   */
+  uint32_t dim;
+  /**
+   * Rows (sensor axes) of a sample; must divide `dim`.
+   */
+  uint32_t channels;
+  /**
+   * Values of a row averaged into one view value (1: none).
+   */
+  uint32_t pool;
+  /**
+   * Kept views remembered.
+   */
+  uint32_t capacity;
+  /**
+   * `IOTCOMPRESS_METRIC_EUCLIDEAN` or `IOTCOMPRESS_METRIC_COSINE`.
+   */
+  uint32_t metric;
+  /**
+   * Distance below which a sample is redundant (adaptive: the start; 0 = from the data).
+   */
+  float threshold;
+  /**
+   * Target fraction kept, in (0, 1]; 0 for a fixed threshold.
+   */
+  float keep;
+  /**
+   * Adaptation step of the threshold, in (0, 1).
+   */
+  float rate;
+} IotcompressNoveltyConfig;
+
+/**
+ * A novelty filter: its configuration, counters, the ring's position and the threshold.
+ * Set up by `iotcompress_novelty_init`; plain data, re-validated on every call (a
+ * checkpoint is a copy of it and of the bank).
+ */
+typedef struct IotcompressNovelty {
+  /**
+   * The configuration.
+   */
+  struct IotcompressNoveltyConfig config;
+  /**
+   * Samples offered.
+   */
+  uint64_t seen;
+  /**
+   * Samples kept.
+   */
+  uint64_t kept;
+  /**
+   * `IOTCOMPRESS_NOVELTY_MAGIC` once initialised.
+   */
+  uint32_t magic;
+  /**
+   * The bank's work slot.
+   */
+  uint32_t head;
+  /**
+   * Views remembered (at most `config.capacity`).
+   */
+  uint32_t stored;
+  /**
+   * The current threshold.
+   */
+  float threshold;
+} IotcompressNovelty;
 
 /**
  * Success.
@@ -1136,6 +1228,64 @@ const char *iotcompress_error_name(int32_t code);
  * A one-line English description of a status code; never NULL. Static storage.
  */
 const char *iotcompress_error_message(int32_t code);
+
+/**
+ * Fills `*config` for samples of `dim` values remembering `capacity` views: one channel,
+ * no pooling, cosine metric, fixed threshold 0 (set `threshold`, or `keep` for adaptive),
+ * rate 0.05.
+ *
+ * # Safety
+ * `config` must be NULL or writable for one struct.
+ */
+IotcompressStatus iotcompress_novelty_config_default(struct IotcompressNoveltyConfig *config,
+                                                     uint32_t dim,
+                                                     uint32_t capacity);
+
+/**
+ * Floats of the bank for `config` into `*len`: `(capacity + 1) * channels *
+ * ceil(dim / channels / pool)`. `IOTCOMPRESS_ERR_INVALID_CONFIG` for a bad configuration.
+ *
+ * # Safety
+ * `config` must be NULL or readable, `len` NULL or writable.
+ */
+IotcompressStatus iotcompress_novelty_bank_len(const struct IotcompressNoveltyConfig *config,
+                                               size_t *len);
+
+/**
+ * Sets up `*filter` with `config` (copied): nothing remembered, nothing seen. The bank needs
+ * no initialisation. `IOTCOMPRESS_ERR_INVALID_CONFIG` leaves `*filter` as it was.
+ *
+ * # Safety
+ * `filter` must be NULL or writable for one struct, `config` NULL or readable.
+ */
+IotcompressStatus iotcompress_novelty_init(struct IotcompressNovelty *filter,
+                                           const struct IotcompressNoveltyConfig *config);
+
+/**
+ * Offers one sample of `config.dim` floats; `*keep` (if not NULL) is 1 when the filter
+ * keeps it (its view is then remembered in the bank), 0 when it is redundant.
+ *
+ * Errors leave the filter and the remembered views unchanged:
+ * `IOTCOMPRESS_ERR_LENGTH_MISMATCH` (`sample_len != dim`, `bank_len` not the bank's length),
+ * `IOTCOMPRESS_ERR_NON_FINITE_GRADIENT` (the sample holds NaN or infinity),
+ * `IOTCOMPRESS_ERR_BAD_STATE`, `IOTCOMPRESS_ERR_INVALID_CONFIG`, the pointer errors and
+ * `IOTCOMPRESS_ERR_OVERLAP` (the sample or `keep` inside the bank).
+ *
+ * # Safety
+ * `filter` must point at a live struct, `bank` at `bank_len` floats, `sample` at
+ * `sample_len` floats, `keep` be NULL or writable; no other thread may access them.
+ */
+IotcompressStatus iotcompress_novelty_offer(struct IotcompressNovelty *filter,
+                                            float *bank,
+                                            size_t bank_len,
+                                            const float *sample,
+                                            size_t sample_len,
+                                            uint8_t *keep);
+
+/**
+ * `sizeof(IotcompressNovelty)` as the library was built.
+ */
+size_t iotcompress_novelty_size(void);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -20,7 +20,7 @@ mcu-build:
 	$(MCU_MAKE) all
 
 mcu-test: develop
-	$(PY) -m pytest -m mcu tests/test_mcu.py
+	$(PY) -m pytest -m mcu tests/test_mcu.py tests/test_novelty.py
 
 mcu-size:
 	$(MCU_MAKE) size

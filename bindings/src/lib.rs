@@ -15,6 +15,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 use std::sync::Mutex;
 
+mod novelty;
+
 /// The one place core errors become Python exceptions: malformed messages raise
 /// `iotcompress.DecodeError`, everything else `iotcompress.CompressError`; both are
 /// `ValueError`s.
@@ -659,6 +661,7 @@ fn message_len_bound(numel: usize, nnz: usize, quant: &str) -> PyResult<usize> {
 fn _iotcompress(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyCompressor>()?;
     m.add_class::<PyStreaming>()?;
+    m.add_class::<novelty::PyNovelty>()?;
     m.add_function(wrap_pyfunction!(decode_add, m)?)?;
     m.add_function(wrap_pyfunction!(decode, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;

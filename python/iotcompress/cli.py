@@ -2,6 +2,7 @@
 
 Example::
 
+    $ iotcompress --version
     $ iotcompress demo
     $ iotcompress simulate --devices 64 --fleet mixed
     $ iotcompress inspect message.bin
@@ -163,6 +164,8 @@ def inspect_cmd(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="iotcompress", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version",
+                        version=f"iotcompress {ic.__version__} (wire format v{ic.WIRE_VERSION}, SIMD {ic.simd_level()})")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="compress a real gradient, then train with 4 workers three ways")
     p.add_argument("--epochs", type=int, default=60)

@@ -273,22 +273,25 @@ def _recording(names, record):
     return hook
 
 
-def delayed_steps(rank, world, store, out_dir, runs, steps, skips=None):
-    """For each ``(label, options)`` in ``runs``: ``steps`` SGD steps of TwoLayer under the
-    hook, recording per step this rank's local gradients, what the hook gave the optimizer,
-    and the residuals before and after; ``skips`` maps rank -> steps it sits out."""
+def delayed_steps(rank, world, store, out_dir, runs, steps, skips=None, nans=None, model_name="TwoLayer"):
+    """For each ``(label, options)`` in ``runs``: ``steps`` SGD steps of ``model`` (a class
+    name here) under the hook, recording per step this rank's local gradients, what the hook
+    gave the optimizer, and the residuals (and every compressor's residual and velocity)
+    before and after; ``skips`` maps rank -> steps it sits out, ``nans`` rank -> steps
+    whose loss is NaN; ``model_name`` is a model class of this module."""
     init(rank, world, store)
     try:
         results = {}
         for label, options in runs:
-            model = TwoLayer()
+            model = globals()[model_name]()
             ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.001)
             state = CompressionState(**options)
             names = {id(p): n for n, p in model.named_parameters()}
             local = {}
             ddp.register_comm_hook(state, _recording(names, local))
             opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-            record = {"local": [], "applied": [], "residual_before": [], "residual_after": []}
+            record = {"local": [], "applied": [], "residual_before": [], "residual_after": [], "before": [],
+                      "after": []}
             for step in range(steps):
 
                 def residuals():
@@ -297,11 +300,16 @@ def delayed_steps(rank, world, store, out_dir, runs, steps, skips=None):
 
                 state.participating = step not in (skips or {}).get(rank, ())
                 record["residual_before"].append(residuals())
+                record["before"].append(_residuals(state))
                 opt.zero_grad()
-                loss_of(ddp, rank, step).backward()
+                loss = loss_of(ddp, rank, step)
+                if step in (nans or {}).get(rank, ()):
+                    loss = loss * float("nan")
+                loss.backward()
                 record["local"].append(dict(local))
                 record["applied"].append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
                 record["residual_after"].append(residuals())
+                record["after"].append(_residuals(state))
                 opt.step()
             record["weights"] = {n: p.detach().clone() for n, p in model.named_parameters()}
             record["stats"] = dict(state.stats)
@@ -309,3 +317,51 @@ def delayed_steps(rank, world, store, out_dir, runs, steps, skips=None):
         save(out_dir, rank, results)
     finally:
         finish()
+
+
+class WithEmpty(TwoLayer):
+    """TwoLayer plus a zero-element parameter that takes part in the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.empty = nn.Parameter(torch.zeros(0))
+
+    def forward(self, x):
+        return super().forward(x) + self.empty.sum()
+
+
+def _residuals(state):
+    return {k: (c.residual.copy(), c.velocity.copy()) for k, c in state._compressors.items()}
+
+
+def failing_step(rank, world, store, out_dir, options_per_rank, nan_ranks, timeout_s=None):
+    """Three steps under each rank's own options (the default process-group timeout of 30
+    minutes unless ``timeout_s``); at step 1 the ``nan_ranks`` have a NaN loss. Saves the
+    first error, how long it took to come, and the compressors before and after that step."""
+    if timeout_s is None:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    else:
+        init(rank, world, store, timeout_s=timeout_s)
+    torch.set_num_threads(1)
+    model = TwoLayer()
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.001)
+    state = CompressionState(**options_per_rank[rank])
+    ddp.register_comm_hook(state, compression_hook)
+    outcome = {"error": None, "step": None}
+    for step in range(3):
+        before = _residuals(state)
+        t0 = time.monotonic()
+        try:
+            loss = loss_of(ddp, rank, step)
+            if step == 1 and rank in nan_ranks:
+                loss = loss * float("nan")
+            loss.backward()
+        except Exception as e:  # noqa: BLE001 - the test inspects what was raised
+            outcome.update(error=f"{type(e).__name__}: {e}", step=step, elapsed=time.monotonic() - t0,
+                           before=before, after=_residuals(state), iteration=state.iteration)
+            break
+    save(out_dir, rank, outcome)
+    # The group may be broken; leave without the interpreter's finalisation (see failing_rank).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

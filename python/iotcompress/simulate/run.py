@@ -17,7 +17,7 @@ from torch.func import functional_call, grad, vmap
 import iotcompress as ic
 
 from . import clock
-from ._progress import Progress
+from .._progress import Progress
 from .fleet import Fleet, budgets
 from .methods import METHODS, Method, Setup, make_method
 

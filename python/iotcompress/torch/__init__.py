@@ -5,6 +5,10 @@
   compression over gloo or NCCL.
 * :func:`register_gradient_hooks` and :func:`apply_messages`: per-parameter compression
   without DDP (parameter servers, federated rounds, custom transports).
+* :class:`RankStates`: every rank's hook state in one checkpoint, each rank restoring its own.
+* :class:`SettingsMismatchError` (the ranks' settings differ, found on the first step) and
+  :class:`RankFailedError` (another rank's hook failed in this step): what the hook raises
+  instead of waiting out the process group's timeout.
 
 Example (the DGC recipe: momentum correction in the hook, plain SGD in the optimizer)::
 
@@ -15,13 +19,17 @@ Example (the DGC recipe: momentum correction in the hook, plain SGD in the optim
 """
 
 from .grad_hooks import GradientHooks, apply_messages, register_gradient_hooks
-from .hook import CompressionState, compression_hook, warmup_density
+from .hook import CompressionState, RankFailedError, SettingsMismatchError, compression_hook, warmup_density
+from .checkpoint import RankStates
 
 __all__ = [
     "CompressionState",
     "compression_hook",
     "warmup_density",
+    "RankStates",
     "GradientHooks",
     "register_gradient_hooks",
     "apply_messages",
+    "RankFailedError",
+    "SettingsMismatchError",
 ]

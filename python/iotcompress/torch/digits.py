@@ -23,6 +23,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from .._progress import Progress
+
 METHODS = ("dense", "powersgd", "iotcompress")
 
 #: The DGC recipe used for "iotcompress": top-0.1 %, int8 values, momentum correction and
@@ -105,6 +107,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, method: str, ep
         shard = torch.arange(rank, len(ytr), world)
         sent: List[int] = []
         curve: List[float] = []  # test accuracy after each epoch
+        bar = Progress(epochs, f"{method} epochs", enabled=progress and rank == 0, stream=sys.stdout)
         t0 = time.perf_counter()
         for epoch in range(epochs):
             perm = shard[torch.randperm(len(shard), generator=torch.Generator().manual_seed(epoch))]
@@ -121,12 +124,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, method: str, ep
                     sent.append(4 * numel)
             with torch.no_grad():
                 curve.append((model(xte).argmax(1) == yte).float().mean().item())
-            if progress and rank == 0:
-                print(f"\r  {method:<12} epoch {epoch + 1:>3}/{epochs}  test accuracy {curve[-1]:.3f}", end="",
-                      flush=True)
+            bar.update(epoch + 1, f"test accuracy {curve[-1]:.3f}")
         wall = time.perf_counter() - t0
-        if progress and rank == 0:
-            print()
+        bar.close(f"test accuracy {curve[-1]:.3f}")
         after = sent[warmup_steps:] or sent
         # 360 test images: one image is 0.28 points, so one epoch's figure is noisy; the mean
         # over the last epochs is what a method reaches.

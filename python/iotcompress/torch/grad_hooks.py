@@ -11,6 +11,8 @@ import torch
 
 import iotcompress as ic
 
+from ._checkpoint import compressor_states, loaded_compressor, undo_of_compress
+
 __all__ = ["GradientHooks", "register_gradient_hooks", "apply_messages"]
 
 
@@ -65,16 +67,33 @@ class GradientHooks:
         self._handles = []
 
     def state_dict(self) -> Dict[str, Any]:
-        """Every compressor's state, by parameter name."""
-        return {name: c.state_dict() for name, c in self.compressors.items()}
+        """Every compressor's state, by parameter name: torch tensors and plain Python types
+        only, so ``torch.load(path)`` restores it with its default ``weights_only=True``.
+
+        Example::
+
+            torch.save(hooks.state_dict(), "hooks.pt")
+        """
+        return compressor_states(self.compressors)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restores :meth:`state_dict` (names must match)."""
+        """Restores :meth:`state_dict` (tensors, or the numpy arrays of older checkpoints;
+        names must match). Every entry is loaded into a new compressor first and only when
+        all have loaded are they swapped in: on an error nothing has changed, and the error
+        names the parameter.
+
+        Example::
+
+            hooks.load_state_dict(torch.load("hooks.pt"))
+        """
         missing = set(self.compressors) - set(state)
         if missing:
             raise ValueError(f"checkpoint has no state for {sorted(missing)}")
-        for name, c in self.compressors.items():
-            c.load_state_dict(state[name])
+        loaded = {
+            name: loaded_compressor(name, lambda c=c: ic.Compressor(c.numel, **c.options), state[name])
+            for name, c in self.compressors.items()
+        }
+        self.compressors.update(loaded)
 
 
 def _flat_f32(t: torch.Tensor) -> torch.Tensor:
@@ -89,6 +108,14 @@ def register_gradient_hooks(
     ``compressor_options`` are :class:`iotcompress.Compressor`'s. The local ``.grad`` is left
     as it is; what was not sent waits in the parameter's residual. While the returned
     hooks' ``participating`` is False nothing is sent and the gradients only accumulate.
+    Zero-element parameters get no compressor and send nothing.
+
+    On error, per parameter all or nothing: a gradient with NaN or infinity raises
+    :class:`iotcompress.CompressError` from ``backward()`` with that parameter's compressor
+    unchanged (messages of parameters hooked earlier in the backward were sent already);
+    if ``send`` raises, the compressor is put back exactly as it was before that compress
+    (a copy of its state kept during the call) before the error propagates, so an
+    undelivered message is not lost: its gradient is simply not taken yet.
 
     Example::
 
@@ -101,16 +128,22 @@ def register_gradient_hooks(
     handles: list = []
     hooks = GradientHooks(compressors, handles)
     for name, param in module.named_parameters():
-        if not param.requires_grad:
-            continue
-        comp = ic.Compressor(param.numel(), **compressor_options)
-        compressors[name] = comp
+        if not param.requires_grad or not param.numel():
+            continue  # a zero-element parameter has nothing to send
+        compressors[name] = ic.Compressor(param.numel(), **compressor_options)
 
-        def hook(p: torch.Tensor, name: str = name, comp: ic.Compressor = comp) -> None:
-            if hooks.participating:
-                send(name, comp.compress(_flat_f32(p.grad)))
-            else:
+        def hook(p: torch.Tensor, name: str = name) -> None:
+            comp = hooks.compressors[name]  # looked up now: load_state_dict swaps them
+            if not hooks.participating:
                 comp.accumulate(_flat_f32(p.grad))
+                return
+            undo = undo_of_compress(comp)
+            msg = comp.compress(_flat_f32(p.grad))
+            try:
+                send(name, msg)
+            except BaseException:
+                undo()  # not delivered: the compressor is as before it
+                raise
 
         handles.append(param.register_post_accumulate_grad_hook(hook))
     return hooks
@@ -125,8 +158,11 @@ def apply_messages(
 ) -> None:
     """Adds ``scale * message`` into each named parameter's ``.grad`` (created as zeros when
     missing). ``messages`` is a mapping or an iterable of ``(name, message)`` pairs, so
-    several devices' messages for one parameter can be summed. Malformed messages raise
-    :class:`iotcompress.DecodeError` and leave that gradient unchanged.
+    several devices' messages for one parameter can be summed (in float32, rounded once to
+    the gradient's dtype). All or nothing: every message is decoded before any gradient
+    changes, so a malformed one raises :class:`iotcompress.DecodeError` (naming its
+    parameter) with every ``.grad`` as it was; an unknown name raises :class:`KeyError`
+    before anything is decoded.
 
     Averaging over the devices that took part in the round (partial participation: devices
     that skipped it sent nothing), either way:
@@ -146,17 +182,23 @@ def apply_messages(
         if name not in params:
             raise KeyError(f"no parameter named {name!r} in {type(module).__name__}")
     senders: Dict[str, int] = {}
-    if average:
-        for name, _ in items:
-            senders[name] = senders.get(name, 0) + 1
+    for name, _ in items:
+        senders[name] = senders.get(name, 0) + 1
+    # Every message is decoded into a float32 copy of its gradient first; the gradients
+    # change only once all have decoded.
+    staged: Dict[str, torch.Tensor] = {}
     for name, msg in items:
         p = params[name]
-        s = scale / senders[name] if average else scale
+        if name not in staged:
+            staged[name] = torch.zeros(p.numel()) if p.grad is None else _flat_f32(p.grad).clone()
+        try:
+            ic.decode_add(msg, staged[name], scale=scale / senders[name] if average else scale)
+        except ic.DecodeError as e:
+            raise type(e)(f"message for {name!r}: {e}") from e
+    for name, total in staged.items():
+        p = params[name]
+        update = total.view_as(p).to(device=p.device, dtype=p.dtype)
         if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        g = p.grad
-        if g.device.type == "cpu" and g.dtype == torch.float32 and g.is_contiguous():
-            ic.decode_add(msg, g.detach().view(-1), scale=s)
+            p.grad = update
         else:
-            update = ic.decode(msg, numel=p.numel())
-            g.add_(torch.from_numpy(update).view_as(g).to(device=g.device, dtype=g.dtype), alpha=s)
+            p.grad.copy_(update)

@@ -129,6 +129,20 @@ pub fn bf16_to_f32(h: u16) -> f32 {
     f32::from_bits((h as u32) << 16)
 }
 
+/// Square root by Newton's method in f32 (IEEE basic operations only: the same bits on every
+/// platform, no libm); within an ulp or two, far below what the controller needs.
+pub(crate) fn sqrt_f32(x: f32) -> f32 {
+    if x <= 0.0 || !is_finite_bits(x.to_bits()) {
+        return if x == f32::INFINITY { x } else { 0.0 };
+    }
+    // Halving the exponent gives a first guess within a factor of two.
+    let mut y = f32::from_bits((x.to_bits() >> 1) + (127 << 22));
+    for _ in 0..5 {
+        y = 0.5 * (y + x / y);
+    }
+    y
+}
+
 /// Square root by Newton's method in f64: deterministic on every platform (no libm),
 /// accurate to about one f64 ulp, which is far below the f32 result's precision.
 pub(crate) fn sqrt_f64(x: f64) -> f64 {

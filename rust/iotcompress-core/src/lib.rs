@@ -49,6 +49,7 @@ mod float;
 #[doc(hidden)]
 pub mod kernels;
 pub mod network;
+pub mod novelty;
 #[cfg(feature = "alloc")]
 mod owned;
 #[cfg(feature = "alloc")]
@@ -64,6 +65,7 @@ pub use error::Error;
 pub use feedback::Momentum;
 pub use float::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
 pub use network::NetworkProfile;
+pub use novelty::{Metric, NoveltyConfig, NoveltyFilter};
 #[cfg(feature = "alloc")]
 pub use owned::{decode_to_vec, OwnedCompressor, DOUBLE_BUFFER_MIN};
 pub use quant::Quant;

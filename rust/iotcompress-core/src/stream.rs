@@ -112,7 +112,7 @@
 use crate::feedback::{accumulate_one, Momentum};
 use crate::float::{
     abs, bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, is_finite_bits, mag_bits,
-    round_half_away,
+    round_half_away, sqrt_f32 as sqrt,
 };
 use crate::quant::Quant;
 use crate::select::ThresholdController;
@@ -935,20 +935,6 @@ fn quantize(x: f32, scale: f32, levels: i32) -> i32 {
 /// `x^(1/8)` by three square roots, for `x >= 0`.
 fn eighth_root(x: f32) -> f32 {
     sqrt(sqrt(sqrt(x)))
-}
-
-/// Square root by Newton's method in f32 (IEEE basic operations only: the same bits on every
-/// platform, no libm); within an ulp or two, far below what the controller needs.
-fn sqrt(x: f32) -> f32 {
-    if x <= 0.0 || !is_finite_bits(x.to_bits()) {
-        return if x == f32::INFINITY { x } else { 0.0 };
-    }
-    // Halving the exponent gives a first guess within a factor of two.
-    let mut y = f32::from_bits((x.to_bits() >> 1) + (127 << 22));
-    for _ in 0..5 {
-        y = 0.5 * (y + x / y);
-    }
-    y
 }
 
 #[cfg(test)]

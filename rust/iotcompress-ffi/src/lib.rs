@@ -24,6 +24,8 @@
 use core::ffi::{c_char, CStr};
 use core::mem::{align_of, size_of};
 
+pub mod novelty;
+
 use iotcompress_core::{
     decode_add, parse, Buffers, Compressor, Config, Error, Header, IndexCoding, Momentum,
     NetworkProfile, Quant, Selection, StateFormat, StreamCompressor, StreamConfig, StreamMessage,
