@@ -180,6 +180,10 @@ def accelerate(out, phase):
         if phase == "full" and epoch + 1 == CHECKPOINT_EPOCH:
             accelerator.save_state(checkpoint)
     save_result(out, phase, accelerator.process_index, accelerator.unwrap_model(model), state)
+    # end_training destroys the process group at once: a rank that got there first while its
+    # peer was still in a collective aborted the peer ("terminate called without an active
+    # exception"), one run in two under load. Accelerate's idiom: wait for everyone first.
+    accelerator.wait_for_everyone()
     accelerator.end_training()
 
 
