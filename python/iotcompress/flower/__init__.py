@@ -16,6 +16,7 @@ fleet simulator. See docs/flower.md.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import zlib
@@ -168,10 +169,13 @@ def compression_mod(
         client, path = _client(context)
         model = client.receive(rec[ENVELOPE_KEY])  # DecodeError / StaleReplicaError: an error reply
         arrays_key = str(rec[ARRAYS_KEY]) if ARRAYS_KEY in rec else "arrays"
-        clean = ConfigRecord({k: v for k, v in rec.items() if k not in (ENVELOPE_KEY, ARRAYS_KEY)})
-        msg.content[name] = clean
-        msg.content[arrays_key] = _numpy_to_arrays(client.state.layout.unflatten(model))
-        reply = call_next(msg, context)
+        # A copy of the message for the wrapped function; the one received stays as it was.
+        content = RecordDict(dict(msg.content.items()))
+        content[name] = ConfigRecord({k: v for k, v in rec.items() if k not in (ENVELOPE_KEY, ARRAYS_KEY)})
+        content[arrays_key] = _numpy_to_arrays(client.state.layout.unflatten(model))
+        inner = copy.copy(msg)
+        inner.content = content
+        reply = call_next(inner, context)
         if kind == MessageType.TRAIN and not reply.has_error():
             content = reply.content
             records = content.array_records
