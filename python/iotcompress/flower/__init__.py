@@ -113,7 +113,7 @@ def compression_mod(
     ``context.state`` then holds only the version. Without it, they live in
     ``context.state`` (lost when the SuperNode restarts). ``residual_format`` (``f32``,
     ``f16``, ``bf16``, ``int8``) shrinks the stored residual; the velocity is stored only
-    when ``momentum > 0``. ``seed`` defaults to the node's ``partition-id`` (or node id).
+    when ``momentum > 0``. ``seed`` defaults to the node's ``partition-id`` (else a hash of the node id).
     ``audit`` keeps float64 sums of the deltas and of what was sent in the state, for checks.
 
     Example::
@@ -147,7 +147,8 @@ def compression_mod(
             rec = context.state.config_records.get(ENVELOPE_KEY)
             state = None if rec is None or "state" not in rec else ClientState.from_bytes(rec["state"])
         tag = cfg.get("partition-id", context.node_id)
-        s = seed if seed is not None else zlib.crc32(str(tag).encode())
+        # The simulator seeds device i with i: the same partition gives the same bytes in both.
+        s = seed if seed is not None else tag if isinstance(tag, int) and tag >= 0 else zlib.crc32(str(tag).encode())
         client = FedAvgClient(density=density, threshold=threshold, quant=quant, momentum=momentum,
                               budget_bytes=nbytes, seed=s, residual_format=residual_format, audit=audit, state=state)
         return client, path
