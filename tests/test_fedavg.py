@@ -102,12 +102,18 @@ def test_client_that_missed_rounds_catches_up_with_deltas_or_a_keyframe():
     assert clients[2].state.replica.tobytes() == server.y.tobytes()
 
 
-def test_new_or_reset_client_cannot_apply_a_delta_and_keeps_its_state():
+def _after_one_round():
+    """A server and a client after round 1 (client at version 1; the model has moved)."""
     server = FedAvgServer(LAYOUT, _x0(), density=0.1)
     c = FedAvgClient(density=0.1)
     c.receive(server.message_for(0))
     server.confirm(0, True)
     server.aggregate([(np.full(N, 0.1, np.float32), 1)])
+    return server, c
+
+
+def test_new_or_reset_client_cannot_apply_a_delta_and_keeps_its_state():
+    server, c = _after_one_round()
     delta = server.message_for(0)
     fresh = FedAvgClient(density=0.1)
     with pytest.raises(StaleReplicaError):
@@ -118,11 +124,7 @@ def test_new_or_reset_client_cannot_apply_a_delta_and_keeps_its_state():
 
 
 def test_corrupt_envelopes_raise_decode_error_and_change_nothing():
-    server = FedAvgServer(LAYOUT, _x0(), density=0.1)
-    c = FedAvgClient(density=0.1)
-    c.receive(server.message_for(0))
-    server.confirm(0, True)
-    server.aggregate([(np.full(N, 0.1, np.float32), 1)])
+    server, c = _after_one_round()
     good = server.message_for(0)
     before = c.state.replica.copy(), c.state.version
     for bad in (good[:10], good[:-1], b"XXXX" + good[4:], good[:HEADER_LEN] + b"\xff\xff", bytes([b ^ 0xFF for b in good])):

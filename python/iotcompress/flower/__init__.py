@@ -363,10 +363,14 @@ class CompressedStrategy(Strategy):
         return self.strategy.aggregate_evaluate(server_round, replies)
 
 
+_DOWNLINK = ("density", "threshold", "quant", "keyframe_quant", "catch_up")
+
+
 class CompressedFedAvg(CompressedStrategy):
-    """FedAvg (same arguments, weighted by ``num-examples``) with compressed models both ways:
-    :class:`CompressedStrategy` around :class:`flwr.serverapp.strategy.FedAvg`. The keyword
-    ``density``/``threshold``/``quant``/``keyframe_quant``/``catch_up`` configure the
+    """FedAvg (weighted by ``num-examples``) with compressed models both ways:
+    :class:`CompressedStrategy` around :class:`flwr.serverapp.strategy.FedAvg`, which gets
+    every other keyword (``fraction_train``, ``min_available_nodes``, ``weighted_by_key``,
+    ...). ``density``/``threshold``/``quant``/``keyframe_quant``/``catch_up`` configure the
     downlink; the uplink is configured on the clients (:func:`compression_mod`).
 
     Example::
@@ -375,30 +379,6 @@ class CompressedFedAvg(CompressedStrategy):
         result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=30)
     """
 
-    def __init__(
-        self,
-        fraction_train: float = 1.0,
-        fraction_evaluate: float = 1.0,
-        min_train_nodes: int = 2,
-        min_evaluate_nodes: int = 2,
-        min_available_nodes: int = 2,
-        weighted_by_key: str = "num-examples",
-        arrayrecord_key: str = "arrays",
-        configrecord_key: str = "config",
-        train_metrics_aggr_fn=None,
-        evaluate_metrics_aggr_fn=None,
-        *,
-        density: Optional[float] = 0.05,
-        threshold: Optional[float] = None,
-        quant: str = "int8",
-        keyframe_quant: str = "f16",
-        catch_up: int = 8,
-    ) -> None:
-        super().__init__(
-            FedAvg(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate, min_train_nodes=min_train_nodes,
-                   min_evaluate_nodes=min_evaluate_nodes, min_available_nodes=min_available_nodes,
-                   weighted_by_key=weighted_by_key, arrayrecord_key=arrayrecord_key,
-                   configrecord_key=configrecord_key, train_metrics_aggr_fn=train_metrics_aggr_fn,
-                   evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn),
-            density=density, threshold=threshold, quant=quant, keyframe_quant=keyframe_quant, catch_up=catch_up,
-        )
+    def __init__(self, **kwargs: Any) -> None:
+        downlink = {k: kwargs.pop(k) for k in _DOWNLINK if k in kwargs}
+        super().__init__(FedAvg(**kwargs), **downlink)
