@@ -334,3 +334,25 @@ def test_flower_and_the_simulator_run_the_same_compressed_fedavg():
     flower_x = np.concatenate([a.reshape(-1) for a in result.arrays.to_numpy_ndarrays()])
     assert flower_x.tobytes() == method.server.numpy().tobytes()
     assert strategy.server.y.tobytes() == method.fed_server.y.tobytes()
+
+
+def test_federated_evaluation_goes_compressed_too():
+    app = _app([compression_mod(density=0.1)])
+
+    @app.evaluate()
+    def evaluate(msg, ctx):
+        arrays = msg.content["arrays"].to_numpy_ndarrays()
+        assert [a.shape for a in arrays] == SHAPES and set(msg.content["config"]) == {"server-round"}
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1, "norm": float(np.abs(arrays[0]).sum())})}),
+                       reply_to=msg)
+
+    grid = _grid(app)
+    strategy = CompressedFedAvg(density=0.2, min_evaluate_nodes=3)
+    result = strategy.start(grid=grid, initial_arrays=_init(), num_rounds=2)
+    evals = [e for e in strategy.stats if e["phase"] == "evaluate"]
+    assert len(evals) == 2 and all(e["keyframes"] == 0 for e in evals)
+    # Each evaluation moves the replicas to the new model; the next train round then only
+    # brings them the (empty) rest: a header and no delta.
+    train2 = [e for e in strategy.stats if e["phase"] == "train"][1]
+    assert max(train2["down_bytes"].values()) == HEADER_LEN + 2
+    assert result.evaluate_metrics_clientapp[2]["norm"] > 0

@@ -311,6 +311,8 @@ class CompressedStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
         replies = list(replies)
+        if self.server is None:  # nothing was sent: nothing of ours can be in the replies
+            return self.strategy.aggregate_train(server_round, replies)
         entry = self.stats[-1] if self.stats and self.stats[-1]["phase"] == "train" else self._round_stats(server_round, "train")
         good: List[Tuple[Message, np.ndarray, float]] = []
         for msg in replies:
@@ -357,9 +359,10 @@ class CompressedStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
         replies = list(replies)
-        for msg in replies:
-            self.server.confirm(msg.metadata.src_node_id, not msg.has_error())
-        self._settle(replies)
+        if self.server is not None:
+            for msg in replies:
+                self.server.confirm(msg.metadata.src_node_id, not msg.has_error())
+            self._settle(replies)
         return self.strategy.aggregate_evaluate(server_round, replies)
 
 
