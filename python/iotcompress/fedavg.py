@@ -577,7 +577,9 @@ class FedAvgServer:
     (``density=None`` and ``threshold=None``: dense, in ``quant``). ``keyframe_quant`` is
     the first keyframe's precision (``f16`` halves it; later keyframes are exact, since a
     client must match the others bit for bit). ``catch_up``: how many past deltas are kept
-    for clients that missed rounds (they get those instead of a keyframe when smaller).
+    (at least 1): a client up to that many versions behind gets the deltas it lacks instead
+    of a keyframe, when they are smaller; ``catch_up=1`` sends a keyframe to any client that
+    missed a version.
     ``lineage``: 8 bytes naming this run (random by default)."""
 
     def __init__(
@@ -598,8 +600,8 @@ class FedAvgServer:
             raise ValueError(f"keyframe_quant must be f32, f16 or bf16, got {keyframe_quant!r}")
         self.keyframe_quant = keyframe_quant
         Compressor(1, quant=quant, **self.selection)  # bad options fail here
-        if isinstance(catch_up, bool) or not isinstance(catch_up, int) or not 0 <= catch_up <= _MAX_CHAIN:
-            raise ValueError(f"catch_up must be an int in 0..{_MAX_CHAIN}, got {catch_up!r}")
+        if isinstance(catch_up, bool) or not isinstance(catch_up, int) or not 1 <= catch_up <= _MAX_CHAIN:
+            raise ValueError(f"catch_up must be an int in 1..{_MAX_CHAIN}, got {catch_up!r}")
         self.catch_up = catch_up
         self.lineage = os.urandom(8) if lineage is None else bytes(lineage)
         if len(self.lineage) != 8:
@@ -642,7 +644,7 @@ class FedAvgServer:
         msg = c.compress(self.x - self.y)
         decode_add(msg, self.y)  # exactly what every client does
         self.version += 1
-        self.history = (self.history + [msg])[-self.catch_up:] if self.catch_up else []
+        self.history = (self.history + [msg])[-self.catch_up:]
         self._keyframe = None
 
     def keyframe(self) -> bytes:

@@ -215,7 +215,8 @@ class CompressedStrategy(Strategy):
 
     ``density``/``threshold``/``quant``: the downlink delta's compression (dense ``quant``
     when both are None); ``keyframe_quant``: the first keyframe's precision; ``catch_up``:
-    past deltas kept for clients that missed rounds.
+    past deltas kept for clients that missed rounds (``catch_up=1``: a keyframe for any
+    client that missed one).
 
     :attr:`stats` has one entry per round: payload bytes sent to and received from each
     client, keyframes, failures (what docs/flower.md calls payload bytes).
