@@ -252,7 +252,7 @@ def _digits_run(compressed: bool, rounds: int = 30, clients: int = 10):
         torch.manual_seed(0)
         return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
 
-    app = ClientApp(mods=[compression_mod(density=0.01, quant="int8")] if compressed else [])
+    app = ClientApp(mods=[compression_mod(density=0.03, quant="sign")] if compressed else [])
 
     @app.train()
     def train(msg, ctx):
@@ -276,7 +276,7 @@ def _digits_run(compressed: bool, rounds: int = 30, clients: int = 10):
     torch.set_num_threads(1)
     try:
         grid = InProcessGrid(app, {200 + i: {"partition-id": i} for i in range(clients)})
-        strategy = CompressedFedAvg(fraction_evaluate=0.0, density=0.05, quant="int8") if compressed else FedAvg(fraction_evaluate=0.0)
+        strategy = CompressedFedAvg(fraction_evaluate=0.0, density=0.06, quant="int8") if compressed else FedAvg(fraction_evaluate=0.0)
         result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model().state_dict()), num_rounds=rounds)
     finally:
         torch.set_num_threads(threads)
