@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import tempfile
@@ -125,7 +126,7 @@ class Layout:
 
     @property
     def numel(self) -> int:
-        return sum(int(np.prod(s, dtype=np.int64)) for _, s, _ in self.entries)
+        return sum(math.prod(s) for _, s, _ in self.entries)  # exact: no int64 wrap-around
 
     def to_json(self) -> bytes:
         return json.dumps([[n, list(s), d] for n, s, d in self.entries], separators=(",", ":")).encode()
@@ -164,7 +165,7 @@ class Layout:
         """``{name: ndarray}`` in the layout's shapes and dtypes (integers rounded)."""
         out, at = {}, 0
         for name, shape, dtype in self.entries:
-            n = int(np.prod(shape, dtype=np.int64))
+            n = math.prod(shape)
             part = vec[at:at + n].reshape(shape)
             dt = np.dtype(dtype)
             out[name] = (np.rint(part) if dt.kind in "iu" else part).astype(dt)
