@@ -56,7 +56,8 @@ from .errors import DecodeError, IotCompressError
 
 __all__ = [
     "Layout", "FedAvgClient", "FedAvgServer", "ClientState", "ReplyError", "StaleReplicaError",
-    "HEADER_LEN", "RESIDUAL_FORMATS", "parse_envelope", "dirichlet_partition", "weight_of",
+    "HEADER_LEN", "RESIDUAL_FORMATS", "KIND_DELTAS", "KIND_KEYFRAME", "KIND_UPDATE", "parse_envelope",
+    "dirichlet_partition", "weight_of",
 ]
 
 MAGIC = b"ICFL"
