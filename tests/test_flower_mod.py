@@ -9,12 +9,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 import numpy as np
 import pytest
 
 if os.environ.get("IOTCOMPRESS_REQUIRE_FLOWER") == "1":  # CI: a missing flwr is a failure, not a skip
-    import flwr  # noqa: F401
+    with warnings.catch_warnings():  # as importorskip: flwr's typer trips click's deprecations
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import flwr  # noqa: F401
 else:
     flwr = pytest.importorskip("flwr", reason="pip install 'iotcompress[flower]'")
 
