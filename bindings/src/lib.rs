@@ -218,6 +218,27 @@ impl PyCompressor {
         self.with(py, |s| s.core.double_buffering())
     }
 
+    /// Turns double buffering on (a spare is allocated) or off, keeping the state.
+    #[setter]
+    fn set_double_buffered(&self, py: Python<'_>, on: bool) {
+        self.with(py, |s| {
+            if s.core.double_buffering() != on {
+                s.core.set_double_buffering(on);
+            }
+        });
+    }
+
+    /// Takes the last compress or accumulate back whole (double-buffered only).
+    fn revert(&self, py: Python<'_>) -> PyResult<()> {
+        self.with(py, |s| s.core.revert()).map_err(|e| to_py(py, e))
+    }
+
+    /// Whether `revert()` can take back the last call.
+    #[getter]
+    fn can_revert(&self, py: Python<'_>) -> bool {
+        self.with(py, |s| s.core.can_revert())
+    }
+
     /// A copy: the owned buffers are swapped with their spares after each message, so no
     /// view of them is ever handed out.
     #[getter]
