@@ -94,7 +94,7 @@ include mk/mcu.mk
 # need RUSTC_BOOTSTRAP=1), from the committed seeds in fuzz/seeds/ into fuzz/corpus/ (not
 # committed). libfuzzer's final stats lines report the executions of each.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := decode roundtrip state
+FUZZ_TARGETS := decode roundtrip state stream ffi
 .PHONY: fuzz
 fuzz:
 	@for t in $(FUZZ_TARGETS); do \

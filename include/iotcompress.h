@@ -1214,6 +1214,28 @@ IotcompressStatus iotcompress_stream_finish(struct IotcompressStream *stream,
                                             struct IotcompressStreamInfo *info);
 
 /**
+ * Puts a finished message that could not be delivered back into the state: `residual +=
+ * message` for every entry (error feedback sends them again later; nothing is lost), stored
+ * in the state format (int8 blocks holding an entry are requantised). Exact up to one
+ * float32 rounding per entry and that format's rounding; the velocity's factor masking is
+ * not undone; the counters do not move. O(entries), no gradient needed: the device only
+ * keeps the message. All or nothing: a message that does not verify (or is for another
+ * element count: `IOTCOMPRESS_ERR_LENGTH_MISMATCH`), a sum that is not finite
+ * (`IOTCOMPRESS_ERR_OVERFLOW`), a message still open (`IOTCOMPRESS_ERR_BAD_STATE`: finish
+ * it first) or a wrong `state_len` leave the stream and the state unchanged. `bufs->out` is
+ * not touched (it may hold `msg`).
+ *
+ * # Safety
+ * `stream` and `bufs` must be NULL or point at live structs, `bufs->state` at `state_len`
+ * writable bytes, `msg` at `msg_len` readable bytes (NULL only with length 0); no other
+ * thread may access them during the call.
+ */
+IotcompressStatus iotcompress_stream_restore(struct IotcompressStream *stream,
+                                             const struct IotcompressStreamBuffers *bufs,
+                                             const uint8_t *msg,
+                                             size_t msg_len);
+
+/**
  * `sizeof(IotcompressStream)` as the library was built.
  */
 size_t iotcompress_stream_size(void);

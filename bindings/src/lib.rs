@@ -218,6 +218,27 @@ impl PyCompressor {
         self.with(py, |s| s.core.double_buffering())
     }
 
+    /// Turns double buffering on (a spare is allocated) or off, keeping the state.
+    #[setter]
+    fn set_double_buffered(&self, py: Python<'_>, on: bool) {
+        self.with(py, |s| {
+            if s.core.double_buffering() != on {
+                s.core.set_double_buffering(on);
+            }
+        });
+    }
+
+    /// Takes the last compress or accumulate back whole (double-buffered only).
+    fn revert(&self, py: Python<'_>) -> PyResult<()> {
+        self.with(py, |s| s.core.revert()).map_err(|e| to_py(py, e))
+    }
+
+    /// Whether `revert()` can take back the last call.
+    #[getter]
+    fn can_revert(&self, py: Python<'_>) -> bool {
+        self.with(py, |s| s.core.can_revert())
+    }
+
     /// A copy: the owned buffers are swapped with their spares after each message, so no
     /// view of them is ever handed out.
     #[getter]
@@ -363,14 +384,57 @@ fn private<'a>(copy: &'a mut Vec<f32>, in_place: bool, grad: &'a [f32]) -> &'a [
     copy
 }
 
-/// The streaming encoder with its owned state and output buffers.
-#[pyclass(module = "iotcompress._iotcompress", name = "StreamingCompressor")]
-struct PyStreaming {
+/// The streaming encoder with its owned state and output buffers, and what takes a message
+/// back (the host has the memory a device does not).
+struct Stream {
     inner: StreamCompressor,
     state: Vec<u8>,
     out: Vec<u8>,
     message: Option<StreamMessage>,
     last: StreamInfo,
+    /// `restore()`: the last finished message's state from before it and its gradient.
+    undo: Option<Taken>,
+    /// `abort()`: the open message's state from before `begin` and the chunks fed so far.
+    open: Option<Taken>,
+}
+
+/// The compressor, last info and state from before a message, and the gradient fed to it.
+struct Taken {
+    inner: StreamCompressor,
+    last: StreamInfo,
+    state: Vec<u8>,
+    fed: Vec<f32>,
+}
+
+impl Stream {
+    fn taken(&self) -> Taken {
+        Taken {
+            inner: self.inner,
+            last: self.last,
+            state: self.state.clone(),
+            fed: Vec::new(),
+        }
+    }
+}
+
+/// Frozen around a mutex, like `Compressor`: calls from several threads take turns and
+/// property reads see the state before or after a call, never half of it.
+#[pyclass(
+    module = "iotcompress._iotcompress",
+    name = "StreamingCompressor",
+    frozen
+)]
+struct PyStreaming {
+    inner: Mutex<Stream>,
+}
+
+impl PyStreaming {
+    fn with<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut Stream) -> T + Send) -> T {
+        py.detach(|| {
+            let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            f(&mut inner)
+        })
+    }
 }
 
 #[pymethods]
@@ -416,109 +480,301 @@ impl PyStreaming {
         let inner = StreamCompressor::new(config).map_err(|e| to_py(py, e))?;
         let cap = capacity.unwrap_or(config.full_message_len());
         Ok(PyStreaming {
-            inner,
-            state: vec![0; config.state_len()],
-            out: vec![0; cap],
-            message: None,
-            last: StreamInfo::default(),
+            inner: Mutex::new(Stream {
+                inner,
+                state: vec![0; config.state_len()],
+                out: vec![0; cap],
+                message: None,
+                last: StreamInfo::default(),
+                undo: None,
+                open: None,
+            }),
         })
     }
 
-    /// Starts a message (abandoning an unfinished one).
-    fn begin(&mut self, py: Python<'_>) -> PyResult<()> {
-        let m = self
-            .inner
-            .begin(&self.state, &self.out)
-            .map_err(|e| to_py(py, e))?;
-        self.message = Some(m);
-        Ok(())
+    /// Starts a message; the face refuses while one is open.
+    fn begin(&self, py: Python<'_>) -> PyResult<()> {
+        self.with(py, |s| {
+            let m = s.inner.begin(&s.state, &s.out)?;
+            s.open = Some(s.taken());
+            s.message = Some(m);
+            Ok(())
+        })
+        .map_err(|e| to_py(py, e))
     }
 
-    /// Feeds the next chunk of the open message; the GIL is released meanwhile.
-    fn feed(&mut self, py: Python<'_>, chunk: PyReadonlyArray1<'_, f32>) -> PyResult<()> {
-        let chunk = chunk
-            .as_slice()
-            .map_err(|_| PyValueError::new_err("chunk must be contiguous"))?;
-        let (inner, state, out) = (&self.inner, &mut self.state, &mut self.out);
-        let m = self
-            .message
-            .as_mut()
-            .ok_or_else(|| to_py(py, Error::StreamClosed))?;
-        py.detach(|| m.feed(inner, state, out, chunk))
-            .map_err(|e| to_py(py, e))
+    /// Feeds the next chunk of the open message; the GIL is released meanwhile. An error
+    /// changes nothing.
+    fn feed(&self, py: Python<'_>, chunk: PyReadonlyArray1<'_, f32>) -> PyResult<()> {
+        let chunk = contiguous(&chunk, "chunk")?;
+        self.with(py, |s| {
+            let (Some(m), Some(open)) = (s.message.as_mut(), s.open.as_mut()) else {
+                return Err(Error::StreamClosed);
+            };
+            // A private copy: what is checked is what is stored and kept for `restore`.
+            let at = open.fed.len();
+            open.fed.extend_from_slice(chunk);
+            let r = m.feed(&s.inner, &mut s.state, &mut s.out, &open.fed[at..]);
+            if r.is_err() {
+                open.fed.truncate(at);
+            }
+            r
+        })
+        .map_err(|e| to_py(py, e))
     }
 
     /// Completes the open message and returns its bytes.
-    fn finish<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
-        let m = self
-            .message
-            .as_mut()
-            .ok_or_else(|| to_py(py, Error::StreamClosed))?;
-        let info = m
-            .finish(&mut self.inner, &self.state, &mut self.out)
-            .map_err(|e| to_py(py, e))?;
-        self.message = None;
-        self.last = info;
-        Ok(PyBytes::new(py, &self.out[..info.bytes]))
+    fn finish<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let msg = self.with(py, |s| {
+            let m = s.message.as_mut().ok_or(Error::StreamClosed)?;
+            let info = m.finish(&mut s.inner, &s.state, &mut s.out)?;
+            s.message = None;
+            s.last = info;
+            s.undo = s.open.take();
+            Ok(s.out[..info.bytes].to_vec())
+        });
+        Ok(PyBytes::new(py, &msg.map_err(|e| to_py(py, e))?))
+    }
+
+    /// One message from `grad` fed in pieces of `chunks` lengths: all or nothing (any error
+    /// puts the state and counters back as before the call).
+    fn compress<'py>(
+        &self,
+        py: Python<'py>,
+        grad: PyReadonlyArray1<'py, f32>,
+        chunks: Vec<usize>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let grad = contiguous(&grad, "grad")?;
+        let msg = self.with(py, |s| {
+            if s.message.is_some() {
+                return Err(Error::StreamClosed);
+            }
+            let mut saved = s.taken();
+            // A private copy: what is checked is what is stored and kept for `restore`.
+            saved.fed = grad.to_vec();
+            let grad = &saved.fed;
+            let mut run = || -> Result<StreamInfo, Error> {
+                let mut m = s.inner.begin(&s.state, &s.out)?;
+                let mut at = 0;
+                for &len in &chunks {
+                    let end = at + len.min(grad.len() - at);
+                    m.feed(&s.inner, &mut s.state, &mut s.out, &grad[at..end])?;
+                    at = end;
+                }
+                m.finish(&mut s.inner, &s.state, &mut s.out)
+            };
+            match run() {
+                Ok(info) => {
+                    s.last = info;
+                    s.undo = Some(saved);
+                    Ok(s.out[..info.bytes].to_vec())
+                }
+                Err(e) => {
+                    // Every byte back, the last message's undo record included.
+                    (s.inner, s.last, s.state) = (saved.inner, saved.last, saved.state);
+                    Err(e)
+                }
+            }
+        });
+        Ok(PyBytes::new(py, &msg.map_err(|e| to_py(py, e))?))
+    }
+
+    /// Adds a whole gradient into the state without sending (all or nothing).
+    fn accumulate(&self, py: Python<'_>, grad: PyReadonlyArray1<'_, f32>) -> PyResult<()> {
+        let grad = contiguous(&grad, "grad")?;
+        self.with(py, |s| {
+            if s.message.is_some() {
+                return Err(Error::StreamClosed);
+            }
+            // A private copy: the check and the update read the same values.
+            let grad = grad.to_vec();
+            s.inner.accumulate(&mut s.state, &grad)?;
+            s.undo = None;
+            Ok(())
+        })
+        .map_err(|e| to_py(py, e))
+    }
+
+    /// Takes back the open message: the state and counters as before `begin`.
+    fn abort(&self, py: Python<'_>) -> bool {
+        self.with(py, |s| match s.open.take() {
+            Some(t) => {
+                (s.inner, s.last, s.state) = (t.inner, t.last, t.state);
+                s.message = None;
+                true
+            }
+            None => false,
+        })
+    }
+
+    /// Puts the last finished message back (`msg=None`): the state as if its gradient had
+    /// been accumulated without sending, the counters as before it; or adds `msg` back.
+    #[pyo3(signature = (msg=None))]
+    fn restore(&self, py: Python<'_>, msg: Option<&[u8]>) -> PyResult<()> {
+        self.with(py, |s| {
+            if s.message.is_some() {
+                return Err(Error::StreamClosed);
+            }
+            match msg {
+                Some(m) => {
+                    s.inner.restore_message(&mut s.state, m)?;
+                    s.undo = None;
+                    Ok(())
+                }
+                None => {
+                    let Some(t) = s.undo.as_mut() else {
+                        return Err(Error::NothingToRestore);
+                    };
+                    // From the state before the message: cannot fail (its feeds did not).
+                    t.inner.accumulate(&mut t.state, &t.fed)?;
+                    let t = s.undo.take().ok_or(Error::NothingToRestore)?;
+                    (s.inner, s.last, s.state) = (t.inner, t.last, t.state);
+                    Ok(())
+                }
+            }
+        })
+        .map_err(|e| to_py(py, e))
+    }
+
+    /// Whether `restore()` has a finished message to put back.
+    #[getter]
+    fn can_restore(&self, py: Python<'_>) -> bool {
+        self.with(py, |s| s.message.is_none() && s.undo.is_some())
+    }
+
+    /// Whether a message is open.
+    #[getter]
+    fn is_open(&self, py: Python<'_>) -> bool {
+        self.with(py, |s| s.message.is_some())
+    }
+
+    /// `(state bytes, (messages, threshold, bits_per_entry, last_max, last_selected))`.
+    fn get_state<'py>(&self, py: Python<'py>) -> (Bound<'py, PyBytes>, (u64, f32, f32, f32, u32)) {
+        let (bytes, c) = self.with(py, |s| {
+            let i = s.inner;
+            (
+                s.state.clone(),
+                (
+                    i.messages,
+                    i.controller.threshold,
+                    i.controller.bits_per_entry,
+                    i.last_max,
+                    i.last_selected,
+                ),
+            )
+        });
+        (PyBytes::new(py, &bytes), c)
+    }
+
+    /// Replaces the state and counters, after checking all of them (length, every stored
+    /// value finite, counters in range); drops an open message and the undo record.
+    fn load_state(
+        &self,
+        py: Python<'_>,
+        state: &[u8],
+        counters: (u64, f32, f32, f32, u32),
+    ) -> PyResult<()> {
+        let state = state.to_vec();
+        let checked = self.with(py, move |s| {
+            let n = s.inner.config().numel;
+            if state.len() != s.state.len() {
+                return Err("state has the wrong length");
+            }
+            let c = &s.inner;
+            let finite = (0..n).all(|i| {
+                c.residual_at(&state, i).is_finite() && c.velocity_at(&state, i).is_finite()
+            });
+            if !finite {
+                return Err("state holds NaN or infinity");
+            }
+            let (messages, threshold, bpe, last_max, last_selected) = counters;
+            let controller = ThresholdController {
+                threshold,
+                bits_per_entry: bpe,
+            };
+            if !controller.is_valid() {
+                return Err("threshold and bits_per_entry must be finite and >= 0");
+            }
+            if !(last_max.is_finite() && last_max >= 0.0) {
+                return Err("last_max must be finite and >= 0");
+            }
+            if last_selected as usize > n {
+                return Err("last_selected exceeds numel");
+            }
+            s.state = state;
+            s.inner.controller = controller;
+            (s.inner.messages, s.inner.last_max, s.inner.last_selected) =
+                (messages, last_max, last_selected);
+            s.message = None;
+            s.undo = None;
+            s.open = None;
+            Ok(())
+        });
+        checked.map_err(PyValueError::new_err)
     }
 
     /// Elements fed to the open message (0 when none is open).
     #[getter]
-    fn fed(&self) -> usize {
-        self.message.map_or(0, |m| m.fed())
+    fn fed(&self, py: Python<'_>) -> usize {
+        self.with(py, |s| s.message.map_or(0, |m| m.fed()))
     }
 
     /// The stored residual, as float32.
     #[getter]
     fn residual<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f32>> {
-        let n = self.inner.config().numel;
-        let v: Vec<f32> = (0..n)
-            .map(|i| self.inner.residual_at(&self.state, i))
-            .collect();
+        let v = self.with(py, |s| {
+            let n = s.inner.config().numel;
+            (0..n)
+                .map(|i| s.inner.residual_at(&s.state, i))
+                .collect::<Vec<f32>>()
+        });
         PyArray1::from_vec(py, v)
     }
 
     /// The stored velocity, as float32 (zeros without momentum).
     #[getter]
     fn velocity<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f32>> {
-        let n = self.inner.config().numel;
-        let v: Vec<f32> = (0..n)
-            .map(|i| self.inner.velocity_at(&self.state, i))
-            .collect();
+        let v = self.with(py, |s| {
+            let n = s.inner.config().numel;
+            (0..n)
+                .map(|i| s.inner.velocity_at(&s.state, i))
+                .collect::<Vec<f32>>()
+        });
         PyArray1::from_vec(py, v)
     }
 
     /// The raw state buffer (residual, then velocity, in the configured format).
     #[getter]
     fn state_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, &self.state)
+        let b = self.with(py, |s| s.state.clone());
+        PyBytes::new(py, &b)
     }
 
     /// The threshold the next message uses.
     #[getter]
-    fn threshold(&self) -> f32 {
-        self.inner.threshold()
+    fn threshold(&self, py: Python<'_>) -> f32 {
+        self.with(py, |s| s.inner.threshold())
     }
 
     #[getter]
-    fn messages(&self) -> u64 {
-        self.inner.messages
+    fn messages(&self, py: Python<'_>) -> u64 {
+        self.with(py, |s| s.inner.messages)
     }
 
     /// `(bytes, nnz, selected, threshold, scale)` of the last finished message.
-    fn last_info(&self) -> (usize, usize, usize, f32, f32) {
-        let i = self.last;
+    fn last_info(&self, py: Python<'_>) -> (usize, usize, usize, f32, f32) {
+        let i = self.with(py, |s| s.last);
         (i.bytes, i.nnz, i.selected, i.threshold, i.scale)
     }
 
     #[getter]
-    fn capacity(&self) -> usize {
-        self.out.len()
+    fn capacity(&self, py: Python<'_>) -> usize {
+        self.with(py, |s| s.out.len())
     }
 
     #[getter]
-    fn state_len(&self) -> usize {
-        self.state.len()
+    fn state_len(&self, py: Python<'_>) -> usize {
+        self.with(py, |s| s.state.len())
     }
 }
 

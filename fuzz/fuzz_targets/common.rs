@@ -66,4 +66,3 @@ pub fn gradient(u: &mut Unstructured<'_>, n: usize) -> Result<Vec<f32>> {
     }
     Ok(g)
 }
-

@@ -1,4 +1,4 @@
-//! Sequences of compress / accumulate / restore / restore(msg) / load / set_selection with
+//! Sequences of compress / accumulate / restore / restore(msg) / revert / load / set_selection with
 //! injected errors (NaN, overflowing and wrong-length gradients, corrupt messages, bad
 //! selections) on an `OwnedCompressor`, both memory paths: no panic; every failing call
 //! leaves residual, velocity, counters and bound exactly as they were; `restore()` after a
@@ -39,7 +39,7 @@ fn run(data: &[u8]) -> Result<()> {
     let mut last: Option<Vec<u8>> = None;
     for _ in 0..u.int_in_range(1..=12u8)? {
         let before = snapshot(&c);
-        let result = match u.int_in_range(0..=7u8)? {
+        let result = match u.int_in_range(0..=9u8)? {
             0 | 1 => {
                 let g = gradient(&mut u, n)?;
                 let mut want = c.clone();
@@ -47,10 +47,17 @@ fn run(data: &[u8]) -> Result<()> {
                 if r.is_ok() && u.arbitrary()? {
                     // restore() == accumulate, bit for bit (the bound aside).
                     c.restore().expect("a message to restore");
-                    want.accumulate(&g).expect("accumulate accepts what compress did");
+                    want.accumulate(&g)
+                        .expect("accumulate accepts what compress did");
                     assert_eq!(snapshot(&c).0, snapshot(&want).0);
                     assert_eq!(snapshot(&c).1, snapshot(&want).1);
                     assert_eq!(snapshot(&c).2, snapshot(&want).2);
+                    last = None;
+                } else if r.is_ok() && c.can_revert() && u.arbitrary()? {
+                    // revert() == never called, bit for bit (bound and undo record too).
+                    c.revert().expect("a call to revert");
+                    assert_eq!(snapshot(&c), snapshot(&want));
+                    assert_eq!(c.can_restore(), want.can_restore());
                     last = None;
                 }
                 r
@@ -92,6 +99,19 @@ fn run(data: &[u8]) -> Result<()> {
                     _ => Selection::Dense,
                 };
                 c.set_selection(sel)
+            }
+            8 => c.revert(),
+            9 => {
+                // A checkpoint loaded into the buffers (as load_state_dict does after checking).
+                let r = gradient(&mut u, n)?;
+                c.residual_mut().copy_from_slice(&r);
+                if !c.velocity().is_empty() {
+                    let v = gradient(&mut u, n)?;
+                    c.velocity_mut().copy_from_slice(&v);
+                }
+                c.core_mut().step = u.arbitrary()?;
+                last = None;
+                Ok(())
             }
             _ => {
                 // Wrong length.

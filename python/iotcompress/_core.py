@@ -279,6 +279,25 @@ class Compressor:
         """Whether :meth:`restore` (without a message) has a message to put back."""
         return self._ext.can_restore
 
+    def revert(self) -> None:
+        """Takes the last :meth:`compress` or :meth:`accumulate` back whole: the residual,
+        velocity, :attr:`step`, adaptive threshold and undo record become exactly what they
+        were before that call, as if it had never run (:meth:`restore` instead keeps the
+        gradient in the residual). O(1): a double-buffered compressor (see
+        :attr:`double_buffered`) still holds the state from before the call in its spare.
+        Available once, until any other call that changes the state (a failed compress or
+        accumulate included, which may have written the spare); otherwise raises
+        :class:`CompressError` and changes nothing. What a face uses to make a group of
+        compressors all or nothing (the DDP hook's bucket).
+        """
+        with self._lock:
+            self._ext.revert()
+
+    @property
+    def can_revert(self) -> bool:
+        """Whether :meth:`revert` can take back the last call."""
+        return self._ext.can_revert
+
     def accumulate(self, grad: Any) -> None:
         """Adds one gradient into the residual (with the momentum rule, exactly as
         :meth:`compress` does) without selecting or sending anything: for a round this device
@@ -348,10 +367,23 @@ class Compressor:
         return self._numel
 
     @property
+    def low_memory(self) -> bool:
+        """The constructor's ``low_memory``."""
+        return self._low_memory
+
+    @property
     def double_buffered(self) -> bool:
         """Whether the state is double-buffered: True from 2**23 elements unless the
-        compressor was made with ``low_memory=True``."""
+        compressor was made with ``low_memory=True``. Settable (the state is kept; turning it
+        on allocates the spare): on, :meth:`revert` is available after each call."""
         return self._ext.double_buffered
+
+    @double_buffered.setter
+    def double_buffered(self, on: bool) -> None:
+        if not isinstance(on, (bool, np.bool_)):
+            raise TypeError(f"double_buffered must be a bool, got {type(on).__name__}")
+        with self._lock:
+            self._ext.double_buffered = bool(on)
 
     @property
     def options(self) -> Dict[str, Any]:

@@ -2,7 +2,7 @@
 and plain Python types, so ``torch.load(path)`` restores them with its default
 ``weights_only=True``; loading accepts those tensors and the numpy arrays of older
 checkpoints, and checks every entry before anything is assigned. Undo: how a face takes back
-a compress whose message was never delivered."""
+a compress whose message was never delivered, or a bucket whose step failed."""
 
 from __future__ import annotations
 
@@ -89,10 +89,20 @@ def compressor_states(compressors: Mapping[str, ic.Compressor]) -> Dict[str, Any
     return {key: to_checkpoint(c.state_dict()) for key, c in compressors.items()}
 
 
+def undoable(comp: ic.Compressor) -> ic.Compressor:
+    """``comp``, double-buffered unless it was made with ``low_memory=True``: the faces take
+    a call back with :meth:`iotcompress.Compressor.revert`, O(1), for twice the state's
+    memory."""
+    if not comp.low_memory:
+        comp.double_buffered = True
+    return comp
+
+
 def undo_of_compress(comp: ic.Compressor) -> Callable[[], None]:
-    """How to take back the compress about to run, leaving the compressor exactly as it was
-    (residual, velocity, counters): its state from before, a copy. Not
-    :meth:`iotcompress.Compressor.restore`: that is O(nnz) but leaves the state of an
-    *accumulate* of the gradient (nothing lost, but not "unchanged"); switching to it is a
-    change of these faces' guarantee (docs/torch.md) still to be made."""
+    """How to take back the compress or accumulate about to run, leaving the compressor
+    exactly as it was (residual, velocity, counters, undo record). Double-buffered (see
+    :func:`undoable`): :meth:`iotcompress.Compressor.revert`, O(1), valid until the
+    compressor's next call. With ``low_memory=True``: a copy of its state from before, O(n)."""
+    if comp.double_buffered:
+        return comp.revert
     return functools.partial(comp.load_state_dict, comp.state_dict())

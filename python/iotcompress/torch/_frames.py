@@ -23,6 +23,11 @@ def join_frames(messages: Sequence[bytes]) -> bytes:
     return b"".join(_varint(len(m)) + m for m in messages)
 
 
+def framed_len(messages: Sequence[bytes]) -> int:
+    """The length of :func:`join_frames` of ``messages``, without joining them."""
+    return sum(len(_varint(len(m))) + len(m) for m in messages)
+
+
 def split_frames(data: bytes, count: int) -> List[bytes]:
     """Splits a blob made by :func:`join_frames` into exactly ``count`` messages; anything
     malformed raises :class:`iotcompress.DecodeError`."""

@@ -11,7 +11,7 @@ import torch
 
 import iotcompress as ic
 
-from ._checkpoint import compressor_states, loaded_compressor, undo_of_compress
+from ._checkpoint import compressor_states, loaded_compressor, undo_of_compress, undoable
 
 __all__ = ["GradientHooks", "register_gradient_hooks", "apply_messages"]
 
@@ -90,7 +90,7 @@ class GradientHooks:
         if missing:
             raise ValueError(f"checkpoint has no state for {sorted(missing)}")
         loaded = {
-            name: loaded_compressor(name, lambda c=c: ic.Compressor(c.numel, **c.options), state[name])
+            name: loaded_compressor(name, lambda c=c: undoable(ic.Compressor(c.numel, **c.options, low_memory=c.low_memory)), state[name])
             for name, c in self.compressors.items()
         }
         self.compressors.update(loaded)
@@ -114,7 +114,9 @@ def register_gradient_hooks(
     :class:`iotcompress.CompressError` from ``backward()`` with that parameter's compressor
     unchanged (messages of parameters hooked earlier in the backward were sent already);
     if ``send`` raises, the compressor is put back exactly as it was before that compress
-    (a copy of its state kept during the call) before the error propagates, so an
+    (:meth:`iotcompress.Compressor.revert`: the compressors are double-buffered, twice the
+    state's memory, unless ``low_memory=True``, which keeps a copy of the state during the
+    call instead) before the error propagates, so an
     undelivered message is not lost: its gradient is simply not taken yet.
 
     Example::
@@ -130,7 +132,7 @@ def register_gradient_hooks(
     for name, param in module.named_parameters():
         if not param.requires_grad or not param.numel():
             continue  # a zero-element parameter has nothing to send
-        compressors[name] = ic.Compressor(param.numel(), **compressor_options)
+        compressors[name] = undoable(ic.Compressor(param.numel(), **compressor_options))
 
         def hook(p: torch.Tensor, name: str = name) -> None:
             comp = hooks.compressors[name]  # looked up now: load_state_dict swaps them

@@ -11,7 +11,6 @@ In the idiom of ``torch.distributed.algorithms.ddp_comm_hooks``::
 """
 
 
-import functools
 import json
 import math
 import threading
@@ -27,8 +26,8 @@ import iotcompress as ic
 from .. import _iotcompress as _ext
 from .._network import budget_bytes
 from ..errors import DecodeError, IotCompressError
-from ._checkpoint import checked, compressor_states, f32_vector, loaded_compressor, to_checkpoint, undo_of_compress
-from ._frames import FAILED, HEADER_LEN, MESSAGE, SAT_OUT, Header, decode_header, encode_header, join_frames, split_frames
+from ._checkpoint import checked, compressor_states, f32_vector, loaded_compressor, to_checkpoint, undo_of_compress, undoable
+from ._frames import FAILED, HEADER_LEN, MESSAGE, SAT_OUT, Header, decode_header, encode_header, framed_len, join_frames, split_frames
 
 __all__ = ["CompressionState", "compression_hook", "warmup_density", "RankFailedError", "SettingsMismatchError"]
 
@@ -286,7 +285,7 @@ class CompressionState:
             opts["density"] = self._density_now()
         if self._budget_rule is not None:
             opts["target_bytes"] = self._budget_for(numel)
-        return ic.Compressor(numel, **opts)
+        return undoable(ic.Compressor(numel, **opts))
 
     def _compressor(self, param: torch.Tensor, bucket_index: int, position: int) -> ic.Compressor:
         key = self._keys.setdefault(id(param), f"{bucket_index}.{position}")
@@ -411,7 +410,7 @@ class CompressionState:
     def _template(self, key: str, entry: Any) -> Callable[[], ic.Compressor]:
         existing = self._compressors.get(key)
         if existing is not None:
-            return lambda: ic.Compressor(existing.numel, **existing.options)
+            return lambda: undoable(ic.Compressor(existing.numel, **existing.options))
         return lambda: self._new_compressor(key, entry["numel"])
 
     def __getstate__(self) -> Dict[str, Any]:
@@ -737,16 +736,18 @@ def _bucket_layout(bucket: dist.GradBucket) -> List[Tuple[torch.Tensor, int, int
 
 
 def _compress_bucket(state: CompressionState, bucket: dist.GradBucket, grad: np.ndarray,
-                     layout: List[Tuple[torch.Tensor, int, int, int]], world: int) -> Tuple[bytes, bytes]:
-    """This rank's header and framed bucket. All or nothing: on any error every compressor
-    of the bucket is put back to its state from before (a copy kept during the call) and the header says FAILED (the error is kept in the
+                     layout: List[Tuple[torch.Tensor, int, int, int]], world: int) -> Tuple[bytes, List[bytes]]:
+    """This rank's header and messages (one per parameter with elements; none when it sends
+    nothing), which travel framed (:func:`join_frames`). All or nothing: on any error every compressor
+    of the bucket is put back to its state from before (:meth:`iotcompress.Compressor.revert`,
+    O(1) per compressor) and the header says FAILED (the error is kept in the
     step), or, for a :class:`iotcompress.CompressError` under ``on_nonfinite="skip"``, SAT_OUT
     for the rest of the step."""
     step = state._step
     if step.error is not None:
-        return encode_header(FAILED, 0, _reason(step.error)), b""
+        return encode_header(FAILED, 0, _reason(step.error)), []
     if step.sitting_out:
-        return encode_header(SAT_OUT), b""
+        return encode_header(SAT_OUT), []
     clip = None if state.clip_norm is None else state.clip_norm / math.sqrt(world)
     density = state._density_now()
     participating = bool(state.participating)
@@ -763,38 +764,34 @@ def _compress_bucket(state: CompressionState, bucket: dist.GradBucket, grad: np.
                 norm = float(np.sqrt(np.dot(g.astype(np.float64), g.astype(np.float64))))
                 if norm > clip:
                     g = g * np.float32(clip / norm)
+            before = undo_of_compress(comp)
             if participating:
-                before = undo_of_compress(comp)
                 messages.append(comp.compress(g))
-                undo.append(before)
                 nnz += comp.last_nnz
             else:
-                # This round is skipped: the gradient waits in the residual (an accumulate
-                # has no O(k) undo record, so its undo is the state from before).
-                before = functools.partial(comp.load_state_dict, comp.state_dict())
-                comp.accumulate(g)
-                undo.append(before)
+                comp.accumulate(g)  # this round is skipped: the gradient waits in the residual
+            undo.append(before)
             residual_sq += comp.residual_norm**2
     except Exception as e:  # noqa: BLE001 - every failure becomes an error frame for the peers
         _undo(undo)
         if isinstance(e, ic.CompressError) and state.on_nonfinite == "skip":
             step.sitting_out = True
             state.stats["nonfinite_skips"] = state.stats.get("nonfinite_skips", 0) + 1
-            return encode_header(SAT_OUT), b""
+            return encode_header(SAT_OUT), []
         if state.delay:
             _undo(step.undo)  # the step is lost on every rank: put this rank's part back now
         step.error = e
-        return encode_header(FAILED, 0, _reason(e)), b""
+        return encode_header(FAILED, 0, _reason(e)), []
     step.undo.extend(undo)
     step.nnz += nnz
     step.residual_sq += residual_sq
     step.numel += grad.size
     step.dense += 4 * grad.size
     if not participating:
-        return encode_header(SAT_OUT), b""
-    blob = join_frames(messages)
-    step.sent += len(blob)
-    return encode_header(MESSAGE, len(blob)), blob
+        return encode_header(SAT_OUT), []
+    length = framed_len(messages)
+    step.sent += length
+    return encode_header(MESSAGE, length), messages
 
 
 def _reason(e: BaseException) -> str:
@@ -861,7 +858,7 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
     if state.delay:
         return _delayed(state, bucket, grad, layout, link, device, dtype)
 
-    header, blob = _compress_bucket(state, bucket, grad, layout, link.world)
+    header, messages = _compress_bucket(state, bucket, grad, layout, link.world)
     error = state._step.error
     try:
         bound = _max_blob_len(numels, state.options["quant"])
@@ -875,9 +872,9 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
         raise failure
     if state.options["quant"] in _SUMMABLE and state.options["density"] is None and state.options["threshold"] is None \
             and state.network is None:
-        return _allreduce_dense(state, bucket, blob, headers, numels, link, device, dtype)
+        return _allreduce_dense(state, bucket, messages, headers, numels, link, device, dtype)
     lengths = [h.length for h in headers]
-    payload = _padded(blob, max(lengths)).to(link.device)
+    payload = _padded(join_frames(messages), max(lengths)).to(link.device)
     gathered = [torch.empty_like(payload) for _ in range(link.world)]
     fut = dist.all_gather(gathered, payload, group=link.group, async_op=True).get_future()
     is_last = bucket.is_last()
@@ -894,10 +891,12 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
 
 
 # Wire types whose dense values add up as they are, and the integers that hold their bits.
+# A message's header is at most this long (the core's MAX_HEADER_LEN).
+MAX_HEADER_LEN = 24
 _SUMMABLE = {"f32": (torch.float32, np.uint32), "f16": (torch.float16, np.uint16), "bf16": (torch.bfloat16, np.uint16)}
 
 
-def _allreduce_dense(state: CompressionState, bucket: dist.GradBucket, blob: bytes, headers: List[Header],
+def _allreduce_dense(state: CompressionState, bucket: dist.GradBucket, messages: List[bytes], headers: List[Header],
                      numels: List[int], link: _Link, device: torch.device,
                      dtype: torch.dtype) -> torch.futures.Future[torch.Tensor]:
     """Dense f32, f16 and bf16 values add up as they are, so the bucket is reduced with one
@@ -906,18 +905,20 @@ def _allreduce_dense(state: CompressionState, bucket: dist.GradBucket, blob: byt
     messages' value blocks: error feedback of the rounding, momentum and clipping as in every
     mode. A rank that sends nothing adds zeros; the sum is rescaled to the ranks that sent."""
     wire, bits = _SUMMABLE[state.options["quant"]]
-    values = np.zeros(sum(numels), dtype=bits)
+    width = np.dtype(bits).itemsize
+    values = np.empty(sum(numels), dtype=bits) if messages else np.zeros(sum(numels), dtype=bits)
     offset = 0
-    for numel, msg in zip(numels, split_frames(blob, len(numels)) if blob else []):
-        info = ic.inspect(msg)
-        if info["index"] != "dense" or info["nnz"] != numel:
-            raise RuntimeError(f"iotcompress: a dense message carries {info['nnz']} of {numel} entries")
-        values[offset : offset + numel] = np.frombuffer(msg, bits, numel, info["header_bytes"] + info["index_bytes"])
+    for numel, msg in zip(numels, messages):
+        # This rank's own dense message: header, the values, a 4-byte CRC (no index block).
+        start = len(msg) - 4 - numel * width
+        if not 0 < start <= MAX_HEADER_LEN:
+            raise RuntimeError(f"iotcompress: a dense message of {len(msg)} bytes cannot hold {numel} values")
+        values[offset : offset + numel] = np.frombuffer(msg, bits, numel, start)
         offset += numel
     flat = torch.from_numpy(values).view(wire).div_(link.world)
     senders = sum(h.kind == MESSAGE for h in headers)
     step, nbytes = state._step, flat.numel() * flat.element_size()
-    step.sent += nbytes - len(blob) if blob else 0  # what travels is the values, not the messages
+    step.sent += nbytes - framed_len(messages) if messages else 0  # what travels is the values, not the messages
     step.received += nbytes
     is_last = bucket.is_last()
     fut = dist.all_reduce(flat.to(link.device), group=link.group, async_op=True).get_future()
@@ -954,7 +955,8 @@ def _delayed(state: CompressionState, bucket: dist.GradBucket, grad: np.ndarray,
         state._unlaunched.pop(0)
     state._undo_last = []
     local = np.array(grad, dtype=np.float32, copy=True)  # the bucket is overwritten with the result
-    header, blob = _compress_bucket(state, bucket, grad, layout, link.world)
+    header, messages = _compress_bucket(state, bucket, grad, layout, link.world)
+    blob = join_frames(messages)
     if state._step.sitting_out:
         local[:] = 0  # a non-finite gradient this rank sat out counts as zero here too
     keys = [state._keys[id(p)] for p, *_ in layout]

@@ -31,8 +31,21 @@ pub struct OwnedCompressor {
     spare: Option<(Vec<f32>, Vec<f32>)>,
     /// What [`OwnedCompressor::restore`] writes back: the last message's entries.
     undo: Undo,
-    /// The record being written by a compress (becomes `undo` when it succeeds).
+    /// The record being written by a compress (becomes `undo` when it succeeds); after a
+    /// success, the previous message's record (what [`OwnedCompressor::revert`] puts back).
     pending: Undo,
+    /// How to take back the last call whole ([`OwnedCompressor::revert`]).
+    revert: Revert,
+}
+
+/// The counters before the last compress or accumulate that left the old state in the
+/// spare; with the spare, they are the whole state before that call.
+#[derive(Clone, Copy, Debug, Default)]
+struct Revert {
+    valid: bool,
+    step: u64,
+    controller: ThresholdController,
+    state_bound: f32,
 }
 
 /// The undo record of one message: the sent entries' values before they were taken out
@@ -70,6 +83,7 @@ impl OwnedCompressor {
             spare: None,
             undo: Undo::default(),
             pending: Undo::default(),
+            revert: Revert::default(),
             core,
         };
         c.set_double_buffering(numel >= DOUBLE_BUFFER_MIN);
@@ -81,6 +95,7 @@ impl OwnedCompressor {
     /// the accumulation) and every error leaves the state unchanged; the cost is twice the
     /// state's memory. Off, the state is updated in place (what microcontrollers do).
     pub fn set_double_buffering(&mut self, on: bool) {
+        self.revert.valid = false;
         self.spare = on.then(|| (zeroed(self.residual.len()), zeroed(self.velocity.len())));
     }
 
@@ -97,6 +112,7 @@ impl OwnedCompressor {
     /// Mutable counters (for restoring a checkpoint). Drops the undo record.
     pub fn core_mut(&mut self) -> &mut Compressor {
         self.undo.clear();
+        self.revert.valid = false;
         &mut self.core
     }
 
@@ -126,6 +142,7 @@ impl OwnedCompressor {
     /// The state is about to be written from outside: no undo, bound unknown.
     fn forget(&mut self) {
         self.undo.clear();
+        self.revert.valid = false;
         self.core.state_bound = f32::INFINITY;
     }
 
@@ -135,6 +152,7 @@ impl OwnedCompressor {
     pub fn set_selection(&mut self, selection: Selection) -> Result<(), Error> {
         self.core.set_selection(selection)?;
         self.undo.clear();
+        self.revert.valid = false;
         let need = self.core.scratch_len();
         if self.scratch.len() < need {
             self.scratch.resize(need, 0);
@@ -156,6 +174,7 @@ impl OwnedCompressor {
     /// state, and the undo record of the previous message, as they were). Keeps an undo
     /// record of this message for [`OwnedCompressor::restore`].
     pub fn compress(&mut self, grad: &[f32], out: &mut [u8]) -> Result<StepInfo, Error> {
+        let before = self.before_call();
         let mut pending = core::mem::take(&mut self.pending);
         pending.clear();
         (pending.step, pending.controller) = (self.core.step, self.core.controller);
@@ -172,6 +191,7 @@ impl OwnedCompressor {
         if let Ok(info) = result {
             if info.swapped {
                 self.swap();
+                self.revert = before;
             }
             pending.valid = true;
             core::mem::swap(&mut self.undo, &mut pending);
@@ -192,6 +212,7 @@ impl OwnedCompressor {
         if !self.undo.valid {
             return Err(Error::NothingToRestore);
         }
+        self.revert.valid = false;
         let u = &mut self.undo;
         for (j, &i) in u.indices.iter().enumerate() {
             let i = i as usize;
@@ -214,7 +235,45 @@ impl OwnedCompressor {
     pub fn restore_message(&mut self, msg: &[u8]) -> Result<(), Error> {
         self.core.restore_message(&mut self.residual, msg)?;
         self.undo.clear();
+        self.revert.valid = false;
         Ok(())
+    }
+
+    /// Takes back the last compress or accumulate whole: the residual, velocity, step,
+    /// adaptive controller, state bound and undo record are exactly as before that call
+    /// (unlike [`OwnedCompressor::restore`], which leaves the gradient accumulated). O(1):
+    /// the old state is still in the spare, so this needs double buffering and works once,
+    /// until the next call that changes the state (a failed one included, which may have
+    /// written the spare); otherwise [`Error::NothingToRestore`] and nothing changes.
+    pub fn revert(&mut self) -> Result<(), Error> {
+        let r = self.revert;
+        if !r.valid {
+            return Err(Error::NothingToRestore);
+        }
+        self.swap();
+        (self.core.step, self.core.controller, self.core.state_bound) =
+            (r.step, r.controller, r.state_bound);
+        // The record the call replaced (a compress) or dropped (an accumulate) is in `pending`.
+        core::mem::swap(&mut self.undo, &mut self.pending);
+        self.revert.valid = false;
+        Ok(())
+    }
+
+    /// Whether [`OwnedCompressor::revert`] can take back the last call.
+    pub fn can_revert(&self) -> bool {
+        self.revert.valid
+    }
+
+    /// The revert record of the call about to run (valid once it succeeds into the
+    /// spare); any earlier one is dropped, as the call may write the spare.
+    fn before_call(&mut self) -> Revert {
+        self.revert.valid = false;
+        Revert {
+            valid: true,
+            step: self.core.step,
+            controller: self.core.controller,
+            state_bound: self.core.state_bound,
+        }
     }
 
     /// Whether [`OwnedCompressor::restore`] has a message to put back.
@@ -246,9 +305,13 @@ impl OwnedCompressor {
 
     /// Adds `grad` into the residual without sending; see [`Compressor::accumulate`].
     pub fn accumulate(&mut self, grad: &[f32]) -> Result<(), Error> {
+        let before = self.before_call();
         let (core, bufs) = self.lend();
         if core.accumulate(bufs, grad)? {
             self.swap();
+            // Keep the dropped record in `pending` for a revert.
+            core::mem::swap(&mut self.undo, &mut self.pending);
+            self.revert = before;
         }
         self.undo.clear();
         Ok(())

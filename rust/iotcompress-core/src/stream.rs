@@ -523,6 +523,85 @@ impl StreamCompressor {
         })
     }
 
+    /// Adds a whole gradient into the state without sending anything: the residual and
+    /// velocity a message that selects nothing would store (a round this device skips, or
+    /// the undo of a message that was not delivered, from the state before it). The counters
+    /// do not move. All or nothing: [`Error::LengthMismatch`] for a wrong state or gradient
+    /// length, [`Error::NonFiniteGradient`], [`Error::Overflow`], and nothing changed.
+    pub fn accumulate(&self, state: &mut [u8], grad: &[f32]) -> Result<(), Error> {
+        let cfg = self.config;
+        if state.len() != cfg.state_len() || grad.len() != cfg.numel {
+            return Err(Error::LengthMismatch);
+        }
+        let (r_buf, u_buf) = state.split_at_mut(cfg.state.tensor_bytes(cfg.numel));
+        check_accumulation(&cfg, r_buf, u_buf, 0, grad)?;
+        let m = cfg.momentum;
+        rewrite(&cfg, r_buf, u_buf, |i, r, u| {
+            accumulate_one(m, r, u, grad[i])
+        });
+        Ok(())
+    }
+
+    /// Adds an earlier message of this compressor back into the residual (`r += d` for
+    /// every entry, then stored in the state format, so exact up to that rounding and one
+    /// f32 rounding; the velocity's factor masking is not undone). O(entries) with an f32,
+    /// f16 or bf16 state; int8 blocks with an entry are requantised. All or nothing: a
+    /// malformed message ([`Error::is_decode_error`]), one for another element count
+    /// ([`Error::LengthMismatch`]) or a sum that is not finite ([`Error::Overflow`]) changes
+    /// nothing.
+    pub fn restore_message(&self, state: &mut [u8], msg: &[u8]) -> Result<(), Error> {
+        let cfg = self.config;
+        if state.len() != cfg.state_len() {
+            return Err(Error::LengthMismatch);
+        }
+        let parsed = crate::wire::parse(msg, cfg.numel)?;
+        if parsed.header.numel as usize != cfg.numel {
+            return Err(Error::LengthMismatch);
+        }
+        let (r_buf, _) = state.split_at_mut(cfg.state.tensor_bytes(cfg.numel));
+        let mut finite = true;
+        crate::wire::for_each_entry(&parsed, |i, d| {
+            finite &= is_finite_bits((cfg.state.load(r_buf, i) + d).to_bits());
+        })?;
+        if !finite {
+            return Err(Error::Overflow);
+        }
+        // Entries come in increasing index order: gather each block's, then rewrite it.
+        let block = if cfg.state == StateFormat::Int8 {
+            StateFormat::BLOCK
+        } else {
+            1
+        };
+        let mut add = [0.0f32; StateFormat::BLOCK];
+        let mut current: Option<usize> = None;
+        let flush = |b: usize, add: &mut [f32; StateFormat::BLOCK], r_buf: &mut [u8]| {
+            let start = b * block;
+            let end = (start + block).min(cfg.numel);
+            let mut values = [0.0f32; StateFormat::BLOCK];
+            for (k, i) in (start..end).enumerate() {
+                values[k] = cfg.state.load(r_buf, i) + add[k];
+            }
+            if cfg.state == StateFormat::Int8 {
+                StateFormat::store_block(r_buf, b, &values[..end - start]);
+            } else {
+                cfg.state.store(r_buf, start, values[0]);
+            }
+            *add = [0.0; StateFormat::BLOCK];
+        };
+        crate::wire::for_each_entry(&parsed, |i, d| {
+            let b = i / block;
+            if current.is_some_and(|c| c != b) {
+                flush(current.unwrap_or(0), &mut add, r_buf);
+            }
+            current = Some(b);
+            add[i % block] += d;
+        })?;
+        if let Some(b) = current {
+            flush(b, &mut add, r_buf);
+        }
+        Ok(())
+    }
+
     /// One message from a gradient given in one piece (begin, feed, finish).
     pub fn compress(
         &mut self,
@@ -648,23 +727,8 @@ impl StreamMessage {
         let cfg = c.config;
         let m = cfg.momentum;
         let (r_buf, u_buf) = state.split_at_mut(cfg.state.tensor_bytes(cfg.numel));
-        // Pass 1: nothing changes unless every element accumulates to finite values. Below
-        // 2^124 in magnitude (bits < 0x7d80_0000) `g`, `r` and `u` cannot overflow (`|v| <
-        // 2^126` with either momentum), so only larger ones pay for the accumulation here.
-        let small = |x: f32| mag_bits(x) < 0x7d80_0000;
-        for (j, &g) in grad.iter().enumerate() {
-            if !is_finite_bits(g.to_bits()) {
-                return Err(Error::NonFiniteGradient);
-            }
-            let i = start + j;
-            let (r, u) = (cfg.state.load(r_buf, i), cfg.state.load(u_buf, i));
-            if !(small(g) && small(r) && small(u)) {
-                let (v, u) = accumulate_one(m, r, u, g);
-                if !is_finite_bits(v.to_bits()) || !is_finite_bits(u.to_bits()) {
-                    return Err(Error::Overflow);
-                }
-            }
-        }
+        // Pass 1: nothing changes unless every element accumulates to finite values.
+        check_accumulation(&cfg, r_buf, u_buf, start, grad)?;
         // Pass 2: select, send, store.
         let wt = mag_bits(self.threshold);
         let has_velocity = m.has_velocity();
@@ -887,6 +951,69 @@ impl StreamEncoder<'_> {
     /// `out[..info.bytes]`.
     pub fn finish(mut self) -> Result<StreamInfo, Error> {
         self.message.finish(self.compressor, self.state, self.out)
+    }
+}
+
+/// Whether `grad`, fed from element `start`, accumulates to finite values everywhere:
+/// [`Error::NonFiniteGradient`] or [`Error::Overflow`] otherwise. Below 2^124 in magnitude
+/// (bits < 0x7d80_0000) `g`, `r` and `u` cannot overflow (`|v| < 2^126` with either
+/// momentum), so only larger ones pay for the accumulation here.
+fn check_accumulation(
+    cfg: &StreamConfig,
+    r_buf: &[u8],
+    u_buf: &[u8],
+    start: usize,
+    grad: &[f32],
+) -> Result<(), Error> {
+    let small = |x: f32| mag_bits(x) < 0x7d80_0000;
+    for (j, &g) in grad.iter().enumerate() {
+        if !is_finite_bits(g.to_bits()) {
+            return Err(Error::NonFiniteGradient);
+        }
+        let i = start + j;
+        let (r, u) = (cfg.state.load(r_buf, i), cfg.state.load(u_buf, i));
+        if !(small(g) && small(r) && small(u)) {
+            let (v, u) = accumulate_one(cfg.momentum, r, u, g);
+            if !is_finite_bits(v.to_bits()) || !is_finite_bits(u.to_bits()) {
+                return Err(Error::Overflow);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Stores `f(i, r, u) = (r', u')` for every element, block by block (int8 blocks are
+/// quantised whole, as the encoder does).
+fn rewrite(
+    cfg: &StreamConfig,
+    r_buf: &mut [u8],
+    u_buf: &mut [u8],
+    f: impl Fn(usize, f32, f32) -> (f32, f32),
+) {
+    let has_velocity = cfg.momentum.has_velocity();
+    let (mut r_new, mut u_new) = ([0.0f32; StateFormat::BLOCK], [0.0f32; StateFormat::BLOCK]);
+    let mut start = 0;
+    while start < cfg.numel {
+        let len = StateFormat::BLOCK.min(cfg.numel - start);
+        for k in 0..len {
+            let i = start + k;
+            (r_new[k], u_new[k]) = f(i, cfg.state.load(r_buf, i), cfg.state.load(u_buf, i));
+        }
+        if cfg.state == StateFormat::Int8 {
+            let b = start / StateFormat::BLOCK;
+            StateFormat::store_block(r_buf, b, &r_new[..len]);
+            if has_velocity {
+                StateFormat::store_block(u_buf, b, &u_new[..len]);
+            }
+        } else {
+            for k in 0..len {
+                cfg.state.store(r_buf, start + k, r_new[k]);
+                if has_velocity {
+                    cfg.state.store(u_buf, start + k, u_new[k]);
+                }
+            }
+        }
+        start += len;
     }
 }
 

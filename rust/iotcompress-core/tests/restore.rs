@@ -372,3 +372,70 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// `revert` takes the last compress or accumulate back whole (state, bound and undo
+    /// record as before it: the same messages follow), once, and only while nothing else
+    /// touched the state; without a spare it is never available.
+    #[test]
+    fn revert_takes_back_the_last_call_whole(
+        sel in any_selection(),
+        quant in 0usize..8,
+        m in any_momentum(),
+        n in 1usize..300,
+        spare: bool,
+        ops in proptest::collection::vec(any_op(), 1..25),
+        reverts in proptest::collection::vec(any::<bool>(), 25),
+    ) {
+        let quant = QUANTS[quant];
+        let mut c = compressor(sel, quant, m, n, spare);
+        let mut revertible = false;
+        let mut before = c.clone(); // before the call a revert takes back
+        for (op, revert) in ops.into_iter().zip(reverts) {
+            if !matches!(op, Op::Restore) {
+                before = c.clone();
+            }
+            // Whether the op can be reverted: a compress or accumulate that succeeded into
+            // the spare; a failed restore changes nothing, not even that.
+            revertible = spare && match op {
+                Op::Compress(s) => c.compress_to_vec(&TestRng(s | 1).normals(n, 1.0)).is_ok(),
+                Op::Accumulate(s) => c.accumulate(&TestRng(s | 1).normals(n, 1.0)).is_ok(),
+                Op::Restore => c.restore().is_err() && revertible,
+                Op::Poison(s, nan) => {
+                    let mut g = TestRng(s | 1).normals(n, 1.0);
+                    g[(s as usize) % n] = if nan { f32::NAN } else { f32::MAX };
+                    c.compress_to_vec(&g).is_ok()
+                }
+                Op::Load => {
+                    let r = c.residual().to_vec();
+                    c.residual_mut().copy_from_slice(&r);
+                    false
+                }
+            };
+            prop_assert_eq!(c.can_revert(), revertible);
+            if !revert {
+                continue;
+            }
+            let after = snapshot(&c);
+            match c.revert() {
+                Ok(()) => {
+                    revertible = false;
+                    prop_assert_eq!(snapshot(&c), snapshot(&before));
+                    prop_assert_eq!(c.can_restore(), before.can_restore());
+                    prop_assert!(!c.can_revert());
+                    let (mut x, mut y) = (c.clone(), before.clone());
+                    prop_assert_eq!(x.restore(), y.restore());
+                    prop_assert_eq!(snapshot(&x), snapshot(&y));
+                    let g = TestRng(n as u64).normals(n, 1.0);
+                    prop_assert_eq!(x.compress_to_vec(&g), y.compress_to_vec(&g));
+                }
+                Err(e) => {
+                    prop_assert_eq!(e, Error::NothingToRestore);
+                    prop_assert_eq!(snapshot(&c), after);
+                }
+            }
+        }
+    }
+}

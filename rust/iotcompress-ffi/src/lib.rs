@@ -1825,6 +1825,74 @@ unsafe fn stream_finish_impl(
     unsafe { write_opt(info, done) }
 }
 
+/// Puts a finished message that could not be delivered back into the state: `residual +=
+/// message` for every entry (error feedback sends them again later; nothing is lost), stored
+/// in the state format (int8 blocks holding an entry are requantised). Exact up to one
+/// float32 rounding per entry and that format's rounding; the velocity's factor masking is
+/// not undone; the counters do not move. O(entries), no gradient needed: the device only
+/// keeps the message. All or nothing: a message that does not verify (or is for another
+/// element count: `IOTCOMPRESS_ERR_LENGTH_MISMATCH`), a sum that is not finite
+/// (`IOTCOMPRESS_ERR_OVERFLOW`), a message still open (`IOTCOMPRESS_ERR_BAD_STATE`: finish
+/// it first) or a wrong `state_len` leave the stream and the state unchanged. `bufs->out` is
+/// not touched (it may hold `msg`).
+///
+/// # Safety
+/// `stream` and `bufs` must be NULL or point at live structs, `bufs->state` at `state_len`
+/// writable bytes, `msg` at `msg_len` readable bytes (NULL only with length 0); no other
+/// thread may access them during the call.
+#[no_mangle]
+pub unsafe extern "C" fn iotcompress_stream_restore(
+    stream: *mut IotcompressStream,
+    bufs: *const IotcompressStreamBuffers,
+    msg: *const u8,
+    msg_len: usize,
+) -> IotcompressStatus {
+    // SAFETY: forwarded contract.
+    status(unsafe { stream_restore_impl(stream, bufs, msg, msg_len) })
+}
+
+/// The body of `iotcompress_stream_restore`.
+///
+/// # Safety
+/// As for `iotcompress_stream_restore`.
+unsafe fn stream_restore_impl(
+    stream: *mut IotcompressStream,
+    bufs: *const IotcompressStreamBuffers,
+    msg: *const u8,
+    msg_len: usize,
+) -> Result<(), Status> {
+    if stream.is_null() || bufs.is_null() {
+        return Err(Status::ErrNullPointer);
+    }
+    // SAFETY: forwarded contract: `bufs` is readable.
+    let b = *unsafe { reference(bufs) }?;
+    if b.state.is_null() && b.state_len > 0 {
+        return Err(Status::ErrNullPointer);
+    }
+    let written = Span::of(b.state, b.state_len);
+    let read = [
+        Span::of(msg, msg_len),
+        Span::of(stream, 1),
+        Span::of(bufs, 1),
+    ];
+    if read.iter().any(|r| written.overlaps(*r)) {
+        return Err(Status::ErrOverlap);
+    }
+    // SAFETY: forwarded contract: `stream` is readable for one struct.
+    let st = unsafe { reference(stream) }?;
+    let c = st.core()?;
+    if st.message.closed == 0 {
+        return Err(Status::ErrBadState);
+    }
+    // SAFETY: forwarded contract: `state` holds `state_len` writable bytes, disjoint from
+    // what is read (checked above).
+    let state = unsafe { slice_mut(b.state, b.state_len) }?;
+    // SAFETY: forwarded contract: `msg` holds `msg_len` readable bytes.
+    let msg = unsafe { slice(msg, msg_len) }?;
+    c.restore_message(state, msg)?;
+    Ok(())
+}
+
 /// `sizeof(IotcompressStream)` as the library was built.
 #[no_mangle]
 pub extern "C" fn iotcompress_stream_size() -> usize {

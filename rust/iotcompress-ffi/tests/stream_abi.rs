@@ -476,3 +476,54 @@ fn network_budget_bounds_every_message() {
         );
     }
 }
+
+/// Issue 12: a message the device could not deliver goes back into its state
+/// (`iotcompress_stream_restore`), all or nothing, refused while a message is open.
+#[test]
+fn stream_restore_puts_an_undelivered_message_back() {
+    let n = 300u32;
+    let mut c = config(n);
+    c.state_format = IOTCOMPRESS_STATE_F32;
+    let mut dev = Device::new(&c, None);
+    let g = gradient(n as usize, 1);
+    let msg = dev.message(&g, 64);
+    let sent = decode_to_vec(&msg, n as usize).unwrap();
+    assert!(sent.iter().any(|&x| x != 0.0));
+    let stream_before = dev.stream;
+    let state_before = dev.state.clone();
+    let bufs = dev.bufs();
+    // A corrupt message, or one for another element count: nothing changes.
+    let mut bad = msg.clone();
+    bad[3] ^= 0x10;
+    let other = Device::new(&config(10), None).message(&[1.0; 10], 10);
+    for m in [&bad, &other] {
+        // SAFETY: live buffers.
+        let code =
+            unsafe { iotcompress_stream_restore(&mut dev.stream, &bufs, m.as_ptr(), m.len()) };
+        assert_ne!(code, IOTCOMPRESS_OK);
+        assert_eq!(dev.state, state_before);
+        assert_eq!(dev.stream, stream_before);
+    }
+    // SAFETY: live buffers.
+    let code =
+        unsafe { iotcompress_stream_restore(&mut dev.stream, &bufs, msg.as_ptr(), msg.len()) };
+    assert_eq!(code, IOTCOMPRESS_OK);
+    // f32 values and f32 state: the residual is exactly the accumulated gradient again.
+    let core = StreamCompressor::new(StreamConfig::new(n as usize, 0.5)).unwrap();
+    for (i, &gi) in g.iter().enumerate() {
+        assert_eq!(core.residual_at(&dev.state, i), gi, "{i}");
+    }
+    assert_eq!(dev.stream, stream_before, "the counters do not move");
+    // While a message is open: refused.
+    // SAFETY: live buffers.
+    unsafe {
+        assert_eq!(
+            iotcompress_stream_begin(&mut dev.stream, &bufs),
+            IOTCOMPRESS_OK
+        );
+        assert_eq!(
+            iotcompress_stream_restore(&mut dev.stream, &bufs, msg.as_ptr(), msg.len()),
+            IOTCOMPRESS_ERR_BAD_STATE
+        );
+    }
+}
