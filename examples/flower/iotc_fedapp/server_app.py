@@ -1,0 +1,131 @@
+"""ServerApp: FedAvg (``compress=false``) or iotcompress's CompressedFedAvg (``compress=true``)
+over every connected node, central evaluation on the held-out digits, and a JSON report:
+test accuracy per round and the payload bytes each client received and sent each round.
+
+The report goes to the run config's ``report-path`` (rewritten after every round, atomically,
+so a watcher sees the progress) or, when that is empty, to stdout as one line starting with
+``IOTC_REPORT ``."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Dict, Iterable, List, Optional
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from iotc_fedapp import task
+
+app = ServerApp()
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """What the message carries for the model: the data of every Array (for a numpy Array that
+    includes its .npy header) and every bytes value of a ConfigRecord. Metrics and scalars are
+    not counted; the wire (framing, headers, objects) is measured by the tests' proxy."""
+    total = 0
+    for record in content.array_records.values():
+        total += sum(len(a.data) for a in record.values())
+    for record in content.config_records.values():
+        for value in record.values():
+            values = value if isinstance(value, list) else [value]
+            total += sum(len(v) for v in values if isinstance(v, bytes))
+    return total
+
+
+class CountingGrid:
+    """The Grid the strategy talks to, counting each train round's payload per node (and the
+    reply's ``partition-id``, which survives a node's restart under a new node id)."""
+
+    def __init__(self, grid: Grid, on_round) -> None:
+        self._grid, self._on_round = grid, on_round
+        self.rounds: List[Dict[str, Any]] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], timeout: Optional[float] = None):
+        messages = list(messages)
+        train = [m for m in messages if m.metadata.message_type.startswith("train")]
+        start = time.time()
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        if train:
+            row: Dict[str, Any] = {"round": len(self.rounds) + 1, "t_start": start, "t_end": time.time(),
+                                   "down": {}, "up": {}, "partition": {}, "errors": []}
+            for m in train:
+                row["down"][str(m.metadata.dst_node_id)] = payload_bytes(m.content)
+            for r in replies:
+                nid = str(r.metadata.src_node_id)
+                if r.has_error():
+                    row["errors"].append({"node": nid, "reason": r.error.reason})
+                    continue
+                row["up"][nid] = payload_bytes(r.content)
+                for metrics in r.content.metric_records.values():
+                    if "partition-id" in metrics:
+                        row["partition"][nid] = int(metrics["partition-id"])
+            self.rounds.append(row)
+            self._on_round()
+        return replies
+
+
+def _strategy_record(strategy: Any) -> Any:
+    """Whatever the compressed strategy records per round (keyframes, failed replies)."""
+    for name in ("history", "keyframes_sent", "records"):
+        if hasattr(strategy, name):
+            value = getattr(strategy, name)
+            try:
+                json.dumps(value)
+                return {name: value}
+            except TypeError:
+                return {name: repr(value)}
+    return None
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = context.run_config
+    compress = bool(cfg["compress"])
+    min_nodes = int(cfg["min-nodes"])
+    kwargs = dict(fraction_train=float(cfg["fraction-train"]), fraction_evaluate=0.0,
+                  min_train_nodes=min_nodes, min_available_nodes=min_nodes)
+    if compress:
+        from iotcompress.flower import CompressedFedAvg
+
+        strategy = CompressedFedAvg(**kwargs)
+    else:
+        strategy = FedAvg(**kwargs)
+
+    _, _, x_test, y_test = task.train_test()
+    report: Dict[str, Any] = {"compress": compress, "run_config": dict(cfg), "accuracy": {}, "done": False}
+    path = str(cfg["report-path"])
+
+    def write() -> None:
+        report["rounds"] = counting.rounds
+        report["strategy"] = _strategy_record(strategy)
+        if path:
+            tmp = f"{path}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(report, f)
+            os.replace(tmp, path)
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        params = {k: a.numpy() for k, a in arrays.items()}
+        acc = task.accuracy(params, x_test, y_test)
+        report["accuracy"][str(server_round)] = acc
+        return MetricRecord({"accuracy": acc})
+
+    counting = CountingGrid(grid, write)
+    initial = ArrayRecord({k: Array(v) for k, v in task.init_params(int(cfg["seed"])).items()})
+    strategy.start(grid=counting, initial_arrays=initial, num_rounds=int(cfg["num-server-rounds"]),
+                   timeout=float(cfg["round-timeout"]), evaluate_fn=evaluate)
+    rounds = counting.rounds
+    report["final_accuracy"] = report["accuracy"][str(len(rounds))] if rounds else None
+    report["mean_up_per_client_round"] = float(np.mean([b for r in rounds for b in r["up"].values()] or [0]))
+    report["mean_down_per_client_round"] = float(np.mean([b for r in rounds for b in r["down"].values()] or [0]))
+    report["done"] = True
+    write()
+    print("IOTC_REPORT " + json.dumps({k: v for k, v in report.items() if k != "rounds"}), flush=True)
