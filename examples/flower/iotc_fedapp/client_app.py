@@ -12,8 +12,10 @@ from iotc_fedapp import task
 
 
 def iotcompress_mod(msg: Message, context: Context, call_next):
-    """Compression when the run asks for it. An app that always compresses writes
-    ``ClientApp(mods=[compression_mod(density=0.01)])`` instead."""
+    """Compression when the run asks for it (this app compares both). An app that always
+    compresses writes ``ClientApp(mods=[compression_mod(density=0.01)])`` instead. The node
+    config may name a link (``iotcompress-link="lora"``), a budget and a state directory
+    (``iotcompress-state-dir``), which make the budget and the persistent state per node."""
     cfg = context.run_config
     if not cfg["compress"]:
         return call_next(msg, context)
@@ -21,7 +23,7 @@ def iotcompress_mod(msg: Message, context: Context, call_next):
 
     budget = float(cfg["budget-ms"])
     mod = compression_mod(density=float(cfg["density"]), quant=str(cfg["quant"]),
-                          budget_ms=budget if budget > 0 else None)
+                          budget_ms=budget if budget > 0 else None, audit=bool(cfg["audit"]))
     return mod(msg, context, call_next)
 
 

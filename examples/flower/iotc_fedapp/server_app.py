@@ -14,7 +14,7 @@ import time
 from typing import Any, Dict, Iterable, List, Optional
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
@@ -41,8 +41,8 @@ class CountingGrid:
     """The Grid the strategy talks to, counting each train round's payload per node (and the
     reply's ``partition-id``, which survives a node's restart under a new node id)."""
 
-    def __init__(self, grid: Grid, on_round) -> None:
-        self._grid, self._on_round = grid, on_round
+    def __init__(self, grid: Grid, on_round, compressed: bool) -> None:
+        self._grid, self._on_round, self.compressed = grid, on_round, compressed
         self.rounds: List[Dict[str, Any]] = []
 
     def __getattr__(self, name: str):
@@ -58,6 +58,8 @@ class CountingGrid:
                                    "down": {}, "up": {}, "partition": {}, "errors": []}
             for m in train:
                 row["down"][str(m.metadata.dst_node_id)] = payload_bytes(m.content)
+            if self.compressed:
+                row["down_kind"] = {str(m.metadata.dst_node_id): _envelope_kind(m.content) for m in train}
             for r in replies:
                 nid = str(r.metadata.src_node_id)
                 if r.has_error():
@@ -72,16 +74,14 @@ class CountingGrid:
         return replies
 
 
-def _strategy_record(strategy: Any) -> Any:
-    """Whatever the compressed strategy records per round (keyframes, failed replies)."""
-    for name in ("history", "keyframes_sent", "records"):
-        if hasattr(strategy, name):
-            value = getattr(strategy, name)
-            try:
-                json.dumps(value)
-                return {name: value}
-            except TypeError:
-                return {name: repr(value)}
+def _envelope_kind(content: RecordDict) -> Optional[str]:
+    """"keyframe" or "delta" for a compressed downlink message (None for plain FedAvg)."""
+    from iotcompress.fedavg import KIND_KEYFRAME, parse_envelope
+    from iotcompress.flower import ENVELOPE_KEY
+
+    for record in content.config_records.values():
+        if ENVELOPE_KEY in record:
+            return "keyframe" if parse_envelope(record[ENVELOPE_KEY]).kind == KIND_KEYFRAME else "delta"
     return None
 
 
@@ -95,7 +95,7 @@ def main(grid: Grid, context: Context) -> None:
     if compress:
         from iotcompress.flower import CompressedFedAvg
 
-        strategy = CompressedFedAvg(**kwargs)
+        strategy = CompressedFedAvg(**kwargs, density=float(cfg["down-density"]), quant=str(cfg["quant"]))
     else:
         strategy = FedAvg(**kwargs)
 
@@ -105,7 +105,8 @@ def main(grid: Grid, context: Context) -> None:
 
     def write() -> None:
         report["rounds"] = counting.rounds
-        report["strategy"] = _strategy_record(strategy)
+        if compress:  # the strategy's own record: bytes, keyframes, failed replies per round
+            report["strategy_stats"] = json.loads(json.dumps(strategy.stats, default=str))
         if path:
             tmp = f"{path}.tmp"
             with open(tmp, "w") as f:
@@ -118,7 +119,7 @@ def main(grid: Grid, context: Context) -> None:
         report["accuracy"][str(server_round)] = acc
         return MetricRecord({"accuracy": acc})
 
-    counting = CountingGrid(grid, write)
+    counting = CountingGrid(grid, write, compress)
     initial = ArrayRecord({k: Array(v) for k, v in task.init_params(int(cfg["seed"])).items()})
     strategy.start(grid=counting, initial_arrays=initial, num_rounds=int(cfg["num-server-rounds"]),
                    timeout=float(cfg["round-timeout"]), evaluate_fn=evaluate)
