@@ -200,11 +200,16 @@ def _wait_port(port: int, timeout: float, check) -> None:
 
 
 def flower_available() -> Optional[str]:
-    """None when flwr 1.42's CLI is importable beside this python, else the reason."""
+    """None when flwr 1.42 and its CLI are installed beside this python, else the reason
+    (without importing flwr here: the processes under test do)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        import flwr  # noqa: F401
-    except ImportError as e:
-        return f"flwr is not installed ({e}); pip install 'flwr[simulation]==1.42.0'"
+        found = version("flwr")
+    except PackageNotFoundError:
+        return "flwr is not installed; pip install 'iotcompress[flower]' (flwr[simulation]==1.42.0)"
+    if not found.startswith("1.42."):
+        return f"flwr {found} is installed; these tests are for flwr 1.42"
     for tool in ("flwr", "flower-superlink", "flower-supernode"):
         if not (BIN / tool).exists() and shutil.which(tool) is None:
             return f"{tool} is not on PATH beside {sys.executable}"

@@ -188,6 +188,7 @@ class CountingProxy:
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
+            self._loop.close()
 
 
 def totals(snapshot: Dict[str, Any], t0: float = 0.0, t1: float = float("inf"),

@@ -1,0 +1,17 @@
+"""Flower tests start real processes (SuperLink, SuperNodes, Ray). Without flwr they skip
+with the reason, or fail when IOTCOMPRESS_REQUIRE_FLOWER=1 (CI sets it)."""
+
+import os
+
+import pytest
+
+from harness import flower_available
+
+
+@pytest.fixture(autouse=True)
+def _need_flower():
+    reason = flower_available()
+    if reason is not None:
+        if os.environ.get("IOTCOMPRESS_REQUIRE_FLOWER") == "1":
+            pytest.fail(f"IOTCOMPRESS_REQUIRE_FLOWER=1 but {reason}")
+        pytest.skip(reason)
