@@ -89,7 +89,7 @@ class Flower:
         for name in list(self.procs):
             self.kill(name)
         for _ in range(3):  # children that left the sessions (Ray daemons), by pid
-            pids = _tagged_pids(self.tag)
+            pids = _our_pids(self.tag, self.dir)
             if not pids:
                 break
             for pid in pids:
@@ -171,18 +171,23 @@ class Flower:
         raise TimeoutError(f"no report at {path} after {timeout} s\n{tail}")
 
 
-def _tagged_pids(tag: str) -> List[int]:
+def _our_pids(tag: str, workdir: Path) -> List[int]:
+    """Processes that carry our tag in their environment or run in our work directory (Ray's
+    agents get a fresh environment but keep the working directory)."""
     pids = []
     needle = f"IOTC_FLOWER_TEST_TAG={tag}".encode()
+    root = str(workdir.resolve())
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
+            cwd = os.readlink(f"/proc/{entry}/cwd")
             with open(f"/proc/{entry}/environ", "rb") as f:
-                if needle in f.read().split(b"\0"):
-                    pids.append(int(entry))
+                tagged = needle in f.read().split(b"\0")
         except OSError:
             continue
+        if tagged or cwd == root or cwd.startswith(root + os.sep):
+            pids.append(int(entry))
     return pids
 
 
