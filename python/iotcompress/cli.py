@@ -129,7 +129,8 @@ def simulate_cmd(args: argparse.Namespace) -> int:
             fleet, methods=methods, rounds=args.rounds, target_accuracy=args.target_accuracy, batch=args.batch,
             lr=args.lr, delay=args.delay, participation=args.participation, budget_ms=args.budget_ms,
             rank=args.rank, quant=args.quant, seed=args.seed, compute_ms=args.compute_ms,
-            progress=not args.quiet, threads=args.threads,
+            progress=not args.quiet, threads=args.threads, local_steps=args.local_steps, alpha=args.alpha,
+            density=args.density, down_density=args.down_density,
         )
     except ValueError as e:
         print(f"iotcompress simulate: {e}", file=sys.stderr)
@@ -194,13 +195,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="time budget of one exchange per device, shared by upload and download "
                         "(default: twice each device's latency)")
     p.add_argument("--methods", default="dense,lowrank,iotcompress,iotcompress-delayed",
-                   help="comma-separated subset of dense, lowrank, iotcompress, iotcompress-delayed")
+                   help="comma-separated subset of dense, lowrank, iotcompress, iotcompress-delayed, fedavg, "
+                        "fedavg-iotcompress")
     p.add_argument("--batch", type=int, default=8, help="images per device per step (default 8)")
     p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default 0.05, momentum 0.9)")
     p.add_argument("--rank", type=int, default=2, help="rank of the low-rank method (default 2)")
     p.add_argument("--quant", default="int8", help="iotcompress value quantiser (default int8)")
     p.add_argument("--compute-ms", type=float, default=None,
                    help="compute time of a speed-1.0 device per step (default: measured)")
+    p.add_argument("--local-steps", type=int, default=1,
+                   help="local SGD steps per round of the FedAvg methods (default 1)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="non-IID shards: Dirichlet(alpha) class proportions per device (default: IID)")
+    p.add_argument("--density", type=float, default=0.01, help="fedavg-iotcompress uplink density (default 0.01)")
+    p.add_argument("--down-density", type=float, default=0.05,
+                   help="fedavg-iotcompress downlink density (default 0.05)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: best on a busy machine)")
     p.add_argument("--out", default="simulation", help="output directory (default simulation/)")
     p.add_argument("--seed", type=int, default=0)

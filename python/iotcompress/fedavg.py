@@ -55,7 +55,7 @@ from .errors import DecodeError, IotCompressError
 
 __all__ = [
     "Layout", "FedAvgClient", "FedAvgServer", "ClientState", "ReplyError", "StaleReplicaError",
-    "HEADER_LEN", "RESIDUAL_FORMATS", "parse_envelope",
+    "HEADER_LEN", "RESIDUAL_FORMATS", "parse_envelope", "dirichlet_partition", "weight_of",
 ]
 
 MAGIC = b"ICFL"
@@ -715,3 +715,31 @@ def weight_of(value: Any) -> float:
     if not (np.isfinite(w) and w > 0):
         raise ReplyError(f"num-examples must be finite and > 0, got {value!r}")
     return w
+
+
+def dirichlet_partition(labels: Sequence[int], clients: int, alpha: float, seed: int = 0, min_size: int = 2) -> List[np.ndarray]:
+    """Non-IID shares of a labelled dataset: for each class, its examples are split among the
+    ``clients`` in proportions drawn from ``Dirichlet(alpha)`` (small ``alpha``: each client
+    sees few classes). Redrawn until every client has at least ``min_size`` examples; returns
+    one sorted index array per client.
+
+    Example::
+
+        parts = dirichlet_partition(y_train, clients=10, alpha=0.5, seed=0)
+    """
+    labels = np.asarray(labels)
+    if clients < 1 or not alpha > 0:
+        raise ValueError(f"clients must be >= 1 and alpha > 0, got {clients}, {alpha}")
+    if clients * min_size > len(labels):
+        raise ValueError(f"{len(labels)} examples cannot give {clients} clients {min_size} each")
+    rng = np.random.default_rng(seed)
+    for _ in range(1000):
+        parts: List[List[int]] = [[] for _ in range(clients)]
+        for c in np.unique(labels):
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            cuts = (np.cumsum(rng.dirichlet(np.full(clients, float(alpha)))) * len(idx)).astype(int)[:-1]
+            for i, share in enumerate(np.split(idx, cuts)):
+                parts[i].extend(share.tolist())
+        if min(len(p) for p in parts) >= min_size:
+            return [np.sort(np.array(p, np.int64)) for p in parts]
+    raise ValueError(f"no Dirichlet({alpha}) split gave every client {min_size} examples")  # pragma: no cover

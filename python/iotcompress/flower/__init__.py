@@ -16,6 +16,7 @@ fleet simulator. See docs/flower.md.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import zlib
@@ -112,7 +113,7 @@ def compression_mod(
     ``context.state`` then holds only the version. Without it, they live in
     ``context.state`` (lost when the SuperNode restarts). ``residual_format`` (``f32``,
     ``f16``, ``bf16``, ``int8``) shrinks the stored residual; the velocity is stored only
-    when ``momentum > 0``. ``seed`` defaults to the node's ``partition-id`` (or node id).
+    when ``momentum > 0``. ``seed`` defaults to the node's ``partition-id`` (else a hash of the node id).
     ``audit`` keeps float64 sums of the deltas and of what was sent in the state, for checks.
 
     Example::
@@ -146,7 +147,8 @@ def compression_mod(
             rec = context.state.config_records.get(ENVELOPE_KEY)
             state = None if rec is None or "state" not in rec else ClientState.from_bytes(rec["state"])
         tag = cfg.get("partition-id", context.node_id)
-        s = seed if seed is not None else zlib.crc32(str(tag).encode())
+        # The simulator seeds device i with i: the same partition gives the same bytes in both.
+        s = seed if seed is not None else tag if isinstance(tag, int) and tag >= 0 else zlib.crc32(str(tag).encode())
         client = FedAvgClient(density=density, threshold=threshold, quant=quant, momentum=momentum,
                               budget_bytes=nbytes, seed=s, residual_format=residual_format, audit=audit, state=state)
         return client, path
@@ -168,10 +170,13 @@ def compression_mod(
         client, path = _client(context)
         model = client.receive(rec[ENVELOPE_KEY])  # DecodeError / StaleReplicaError: an error reply
         arrays_key = str(rec[ARRAYS_KEY]) if ARRAYS_KEY in rec else "arrays"
-        clean = ConfigRecord({k: v for k, v in rec.items() if k not in (ENVELOPE_KEY, ARRAYS_KEY)})
-        msg.content[name] = clean
-        msg.content[arrays_key] = _numpy_to_arrays(client.state.layout.unflatten(model))
-        reply = call_next(msg, context)
+        # A copy of the message for the wrapped function; the one received stays as it was.
+        content = RecordDict(dict(msg.content.items()))
+        content[name] = ConfigRecord({k: v for k, v in rec.items() if k not in (ENVELOPE_KEY, ARRAYS_KEY)})
+        content[arrays_key] = _numpy_to_arrays(client.state.layout.unflatten(model))
+        inner = copy.copy(msg)
+        inner.content = content
+        reply = call_next(inner, context)
         if kind == MessageType.TRAIN and not reply.has_error():
             content = reply.content
             records = content.array_records
@@ -306,6 +311,8 @@ class CompressedStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
         replies = list(replies)
+        if self.server is None:  # nothing was sent: nothing of ours can be in the replies
+            return self.strategy.aggregate_train(server_round, replies)
         entry = self.stats[-1] if self.stats and self.stats[-1]["phase"] == "train" else self._round_stats(server_round, "train")
         good: List[Tuple[Message, np.ndarray, float]] = []
         for msg in replies:
@@ -352,16 +359,21 @@ class CompressedStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
         replies = list(replies)
-        for msg in replies:
-            self.server.confirm(msg.metadata.src_node_id, not msg.has_error())
-        self._settle(replies)
+        if self.server is not None:
+            for msg in replies:
+                self.server.confirm(msg.metadata.src_node_id, not msg.has_error())
+            self._settle(replies)
         return self.strategy.aggregate_evaluate(server_round, replies)
 
 
+_DOWNLINK = ("density", "threshold", "quant", "keyframe_quant", "catch_up")
+
+
 class CompressedFedAvg(CompressedStrategy):
-    """FedAvg (same arguments, weighted by ``num-examples``) with compressed models both ways:
-    :class:`CompressedStrategy` around :class:`flwr.serverapp.strategy.FedAvg`. The keyword
-    ``density``/``threshold``/``quant``/``keyframe_quant``/``catch_up`` configure the
+    """FedAvg (weighted by ``num-examples``) with compressed models both ways:
+    :class:`CompressedStrategy` around :class:`flwr.serverapp.strategy.FedAvg`, which gets
+    every other keyword (``fraction_train``, ``min_available_nodes``, ``weighted_by_key``,
+    ...). ``density``/``threshold``/``quant``/``keyframe_quant``/``catch_up`` configure the
     downlink; the uplink is configured on the clients (:func:`compression_mod`).
 
     Example::
@@ -370,30 +382,6 @@ class CompressedFedAvg(CompressedStrategy):
         result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=30)
     """
 
-    def __init__(
-        self,
-        fraction_train: float = 1.0,
-        fraction_evaluate: float = 1.0,
-        min_train_nodes: int = 2,
-        min_evaluate_nodes: int = 2,
-        min_available_nodes: int = 2,
-        weighted_by_key: str = "num-examples",
-        arrayrecord_key: str = "arrays",
-        configrecord_key: str = "config",
-        train_metrics_aggr_fn=None,
-        evaluate_metrics_aggr_fn=None,
-        *,
-        density: Optional[float] = 0.05,
-        threshold: Optional[float] = None,
-        quant: str = "int8",
-        keyframe_quant: str = "f16",
-        catch_up: int = 8,
-    ) -> None:
-        super().__init__(
-            FedAvg(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate, min_train_nodes=min_train_nodes,
-                   min_evaluate_nodes=min_evaluate_nodes, min_available_nodes=min_available_nodes,
-                   weighted_by_key=weighted_by_key, arrayrecord_key=arrayrecord_key,
-                   configrecord_key=configrecord_key, train_metrics_aggr_fn=train_metrics_aggr_fn,
-                   evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn),
-            density=density, threshold=threshold, quant=quant, keyframe_quant=keyframe_quant, catch_up=catch_up,
-        )
+    def __init__(self, **kwargs: Any) -> None:
+        downlink = {k: kwargs.pop(k) for k in _DOWNLINK if k in kwargs}
+        super().__init__(FedAvg(**kwargs), **downlink)

@@ -1,10 +1,14 @@
-"""The four ways a simulated round moves gradients: dense averaging, PowerSGD-like low rank,
+"""The ways a simulated round moves gradients: dense averaging, PowerSGD-like low rank,
 iotcompress (a real :class:`iotcompress.Compressor` per device and per downlink) and
-iotcompress with delayed averaging.
+iotcompress with delayed averaging, one SGD step per round; and FedAvg, plain and compressed
+(the :mod:`iotcompress.fedavg` client and server that the Flower integration runs), with
+``local_steps`` local steps per round.
 
-Each method holds the devices' weights, takes one round's per-device gradients ``G``
+Each per-step method holds the devices' weights, takes one round's per-device gradients ``G``
 (``[N, numel]``, float32) and the round's participant mask, updates the weights, and returns
-the round's traffic: a list of exchanges ``(upload_bytes[N], download_bytes[N])``.
+the round's traffic: a list of exchanges ``(upload_bytes[N], download_bytes[N])``. A local
+(FedAvg) method instead gives each participant its starting model (``begin``)
+and takes the locally trained models back (``finish``).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import iotcompress as ic
 
 Traffic = List[Tuple[np.ndarray, np.ndarray]]
 
-METHODS = ("dense", "lowrank", "iotcompress", "iotcompress-delayed")
+METHODS = ("dense", "lowrank", "iotcompress", "iotcompress-delayed", "fedavg", "fedavg-iotcompress")
 
 
 @dataclass
@@ -37,6 +41,9 @@ class Setup:
     delay: int = 4
     up_bytes: Optional[np.ndarray] = None  # per-device upload budgets (iotcompress)
     down_bytes: Optional[np.ndarray] = None  # per-device download budgets (iotcompress)
+    density: float = 0.01  # fedavg-iotcompress: uplink density
+    down_density: float = 0.05  # fedavg-iotcompress: downlink density
+    budget_bound: bool = False  # fedavg-iotcompress: also hold each upload to up_bytes
     seed: int = 0
     slices: List[Tuple[str, int, int, Tuple[int, ...]]] = field(default_factory=list)
 
@@ -62,6 +69,7 @@ class Method:
     key = ""
     label = ""
     shared = True
+    local_training = False  # FedAvg: begin() / local steps / finish() instead of step()
     delay = 0
     exchanges = 1
 
@@ -272,7 +280,87 @@ class IotCompressDelayed(IotCompress):
         return [(up, down)]
 
 
-def make_method(key: str, setup: Setup, w0: torch.Tensor) -> Method:
+class FedAvgDense(Method):
+    """FedAvg (McMahan et al. 2017): each participant trains ``local_steps`` steps from the
+    global model and uploads its float32 model; the server takes the mean weighted by shard
+    size and sends the float32 model back."""
+
+    key, label = "fedavg", "FedAvg (dense f32)"
+    shared = False
+    local_training = True
+
+    def __init__(self, setup: Setup, w0: torch.Tensor, weights: Optional[np.ndarray] = None) -> None:
+        super().__init__(setup, w0)
+        self.weights = np.ones(setup.devices) if weights is None else np.asarray(weights, np.float64)
+
+    def begin(self, mask: np.ndarray) -> torch.Tensor:
+        """The participants' starting models (``[N, numel]``; other rows unused)."""
+        self.W[torch.from_numpy(mask)] = self.server
+        return self.W
+
+    def finish(self, W: torch.Tensor, mask: np.ndarray) -> Traffic:
+        w = torch.from_numpy(np.where(mask, self.weights, 0.0)).float()
+        self.server = (w[:, None] * W).sum(0) / w.sum()
+        n = 4 * self.s.numel
+        return [(_bytes(mask, n), _bytes(mask, n))]
+
+
+class FedAvgCompressed(FedAvgDense):
+    """FedAvg with compressed models both ways, through :mod:`iotcompress.fedavg`: the same
+    :class:`~iotcompress.fedavg.FedAvgClient` and :class:`~iotcompress.fedavg.FedAvgServer`
+    that :func:`iotcompress.flower.compression_mod` and :class:`iotcompress.flower.CompressedFedAvg`
+    run. Each device trains from its replica, sends its compressed delta (``density``, its
+    own error feedback, capped at its upload budget with ``budget_bound``); the server sends
+    the global model's compressed delta (``down_density``) or a keyframe to a device whose
+    replica is stale. The byte counts are the envelopes' lengths."""
+
+    key, label = "fedavg-iotcompress", "FedAvg + iotcompress"
+
+    def __init__(self, setup: Setup, w0: torch.Tensor, weights: Optional[np.ndarray] = None) -> None:
+        super().__init__(setup, w0, weights)
+        from iotcompress.fedavg import HEADER_LEN, FedAvgClient, FedAvgServer, Layout
+
+        layout = Layout.of({"w": np.zeros(setup.numel, np.float32)})
+        self.fed_server = FedAvgServer(layout, w0.numpy(), density=setup.down_density, quant=setup.quant,
+                                       lineage=setup.seed.to_bytes(8, "little"))
+        floor = HEADER_LEN + 64
+        self.clients = [
+            FedAvgClient(density=setup.density, quant=setup.quant, seed=setup.seed + i,
+                         budget_bytes=max(int(setup.up_bytes[i]), floor) if setup.budget_bound else None)
+            for i in range(setup.devices)
+        ]
+        self._down = np.zeros(setup.devices, np.int64)
+
+    def residual(self, i: int) -> np.ndarray:
+        c = self.clients[i].state.compressor
+        return np.zeros(self.s.numel, np.float32) if c is None else c["residual"]
+
+    def begin(self, mask: np.ndarray) -> torch.Tensor:
+        self._down[:] = 0
+        for i in np.flatnonzero(mask):
+            envelope = self.fed_server.message_for(int(i))
+            self._down[i] = len(envelope)
+            self.W[i] = torch.from_numpy(self.clients[i].receive(envelope))
+        return self.W
+
+    def finish(self, W: torch.Tensor, mask: np.ndarray) -> Traffic:
+        up = np.zeros(self.s.devices, np.int64)
+        deltas = []
+        for i in range(self.s.devices):
+            if not mask[i]:
+                self.fed_server.confirm(i, None)
+                continue
+            envelope = self.clients[i].send(W[i].numpy())
+            up[i] = len(envelope)
+            deltas.append((self.fed_server.decode_reply(i, envelope), self.weights[i]))
+            self.fed_server.confirm(i, True)
+        self.server = torch.from_numpy(self.fed_server.aggregate(deltas))
+        return [(up, self._down.copy())]
+
+
+def make_method(key: str, setup: Setup, w0: torch.Tensor, weights: Optional[np.ndarray] = None) -> Method:
+    if key in ("fedavg", "fedavg-iotcompress"):
+        return (FedAvgDense if key == "fedavg" else FedAvgCompressed)(setup, w0, weights)
     classes = {c.key: c for c in (Dense, LowRank, IotCompress, IotCompressDelayed)}
     if key not in classes:
         raise ValueError(f"unknown method {key!r}; choose from {', '.join(METHODS)}")

@@ -72,7 +72,10 @@ def markdown(result: Dict[str, Any], command: Optional[str] = None) -> str:
     lines += [
         f"{cfg['model']} on {cfg['dataset']}, {cfg['rounds']} rounds, batch {cfg['batch']} per device, "
         f"SGD lr {cfg['lr']} momentum {cfg['momentum']}, participation {cfg['participation']:.0%}, "
-        f"seed {cfg['seed']}. Compute of a speed-1.0 device: {result['compute_ms_speed1']:.2f} ms per step "
+        + (f"FedAvg methods: {cfg['local_steps']} local steps per round (plain SGD, lr {cfg['lr']}), uplink density "
+           f"{cfg['density']:g}, downlink {cfg['down_density']:g}; " if cfg.get("local_steps", 1) > 1 else "")
+        + (f"non-IID shards (Dirichlet alpha {cfg['alpha']:g}), " if cfg.get("alpha") is not None else "")
+        + f"seed {cfg['seed']}. Compute of a speed-1.0 device: {result['compute_ms_speed1']:.2f} ms per step "
         f"(measured: {result['machine']}). Budgets: "
         + ("twice each device's latency" if cfg["budget_ms"] is None else f"{cfg['budget_ms']:g} ms per exchange")
         + f" (median {_bytes(result['budgets']['upload_bytes_median'])} bytes each way"

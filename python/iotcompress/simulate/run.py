@@ -94,10 +94,19 @@ def simulate(
     compute_ms: Optional[float] = None,
     progress: bool = True,
     threads: Optional[int] = 1,
+    local_steps: int = 1,
+    alpha: Optional[float] = None,
+    density: float = 0.01,
+    down_density: float = 0.05,
 ) -> Dict[str, Any]:
     """Trains the digits CNN on ``fleet`` with each method; returns the results (what
     ``report.json`` holds). ``compute_ms``: a speed-1.0 device's time for one forward/backward
     of ``batch`` images (default: measured here). See docs/global-training.md.
+
+    ``local_steps``: SGD steps each device takes per round in the FedAvg methods (``fedavg``,
+    ``fedavg-iotcompress``; the others take one). ``alpha``: non-IID shards, each class split
+    over the devices in ``Dirichlet(alpha)`` proportions (default: an even round-robin deal).
+    ``density``/``down_density``: ``fedavg-iotcompress``'s uplink and downlink densities.
 
     Example::
 
@@ -119,6 +128,10 @@ def simulate(
     ic.Compressor(1, quant=quant)  # a bad quantiser fails here, before any training
     if "iotcompress-delayed" in methods and delay < 1:
         raise ValueError("iotcompress-delayed needs --delay >= 1")
+    if isinstance(local_steps, bool) or not isinstance(local_steps, int) or local_steps < 1:
+        raise ValueError(f"local_steps must be an int >= 1, got {local_steps!r}")
+    if alpha is not None and not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
     if threads is not None:
         torch.set_num_threads(threads)
     t_start = time.perf_counter()
@@ -135,12 +148,19 @@ def simulate(
     w0 = torch.cat([v.detach().reshape(-1) for v in model.parameters()])
     numel = int(w0.numel())
     setup = Setup(numel=numel, devices=N, shapes=names, lr=lr, momentum=momentum, rank=rank, quant=quant,
-                  delay=delay, up_bytes=budget["up"], down_bytes=budget["down"], seed=seed)
+                  delay=delay, up_bytes=budget["up"], down_bytes=budget["down"], seed=seed, density=density,
+                  down_density=down_density, budget_bound=budget_ms is not None)
 
-    # Data: a seeded permutation of the training set dealt out round-robin; each device draws
-    # its batch from its own shard, with replacement (shards are small when N is large).
-    perm = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(seed))
-    shards = [perm[i::N] if i < len(perm) else perm[i % len(perm):i % len(perm) + 1] for i in range(N)]
+    # Data: a seeded permutation of the training set dealt out round-robin (or non-IID
+    # Dirichlet shards); each device draws its batch from its own shard, with replacement
+    # (shards are small when N is large).
+    if alpha is not None:
+        from iotcompress.fedavg import dirichlet_partition
+
+        shards = [torch.from_numpy(p) for p in dirichlet_partition(ytr.numpy(), N, alpha, seed=seed, min_size=1)]
+    else:
+        perm = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(seed))
+        shards = [perm[i::N] if i < len(perm) else perm[i % len(perm):i % len(perm) + 1] for i in range(N)]
     lengths = torch.tensor([len(s) for s in shards])
     padded = torch.zeros(N, int(lengths.max()), dtype=torch.long)
     for i, s in enumerate(shards):
@@ -165,8 +185,10 @@ def simulate(
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
         rng = np.random.default_rng(seed)
-        method: Method = make_method(key, setup, w0)
+        method: Method = make_method(key, setup, w0, weights=lengths.numpy().astype(np.float64))
         d = method.delay
+        E = local_steps if method.local_training else 1
+        c_round = c * E  # a round's compute: E local steps
         bar = Progress(rounds, method.label, enabled=progress)
         curve: List[Dict[str, float]] = [{"round": 0, "time_s": 0.0, "accuracy": accuracy(w0)}]
         sim_ms = 0.0
@@ -177,23 +199,31 @@ def simulate(
         hit: Optional[Dict[str, float]] = None
         t0 = time.perf_counter()
         k = max(1, round(participation * N))
+
+        def batch_grads(w: torch.Tensor, shared: bool) -> torch.Tensor:
+            pick = (torch.rand(N, batch, generator=gen) * lengths[:, None]).long()
+            idx = torch.gather(padded, 1, pick)
+            g = (grad_shared if shared else grad_each)(unflat(w, not shared), xtr[idx], ytr[idx])
+            return torch.cat([g[name].reshape(N, -1) for name, *_ in setup.slices], dim=1)
+
         for r in range(1, rounds + 1):
             if k == N:
                 mask = np.ones(N, bool)
             else:
                 mask = np.zeros(N, bool)
                 mask[rng.choice(N, k, replace=False)] = True
-            pick = (torch.rand(N, batch, generator=gen) * lengths[:, None]).long()
-            idx = torch.gather(padded, 1, pick)
-            w = method.device_weights()
-            g = (grad_shared if method.shared else grad_each)(unflat(w, not method.shared), xtr[idx], ytr[idx])
-            G = torch.cat([g[name].reshape(N, -1) for name, *_ in setup.slices], dim=1)
-            traffic = method.step(G, mask)
-            s = clock.round_time_ms(c, lat, bw, traffic, delay=d, participants=mask)
+            if method.local_training:  # FedAvg: E local SGD steps from each participant's model
+                W = method.begin(mask).clone()
+                for _ in range(E):
+                    W -= lr * batch_grads(W, False)
+                traffic = method.finish(W, mask)
+            else:
+                traffic = method.step(batch_grads(method.device_weights(), method.shared), mask)
+            s = clock.round_time_ms(c_round, lat, bw, traffic, delay=d, participants=mask)
             sim_ms += s
             step_ms.append(s)
             tc = clock.device_comm_ms(lat, bw, traffic)
-            ccr.append(float(np.mean(tc[mask] / c[mask])))
+            ccr.append(float(np.mean(tc[mask] / c_round[mask])))
             up_bytes.append(float(np.mean(sum(u for u, _ in traffic)[mask])))
             down_bytes.append(float(np.mean(sum(dn for _, dn in traffic)[mask])))
             for e, (u, dn) in enumerate(traffic):
@@ -215,6 +245,7 @@ def simulate(
         results[key] = {
             "label": method.label,
             "delay": d,
+            "local_steps": E,
             "exchanges_per_round": method.exchanges,
             "rounds": rounds,
             "time_to_target_s": None if hit is None else hit["time_s"],
@@ -227,7 +258,7 @@ def simulate(
             "download_bytes_per_device_round": float(np.mean(down_bytes)),
             "bytes_per_device_round": float(np.mean(up_bytes) + np.mean(down_bytes)),
             "comm_to_compute": float(np.mean(ccr)),
-            "scalability": scalability(c, lat, bw, up_mean, down_mean, d, scale_sizes(N)),
+            "scalability": scalability(c_round, lat, bw, up_mean, down_mean, d, scale_sizes(N)),
             "curve": curve,
             "wall_s": wall,
         }
@@ -235,6 +266,7 @@ def simulate(
         "config": dict(devices=N, fleet=fleet.source, methods=list(methods), rounds=rounds,
                        target_accuracy=target_accuracy, batch=batch, lr=lr, momentum=momentum, delay=delay,
                        participation=participation, budget_ms=budget_ms, rank=rank, quant=quant, seed=seed,
+                       local_steps=local_steps, alpha=alpha, density=density, down_density=down_density,
                        dataset="scikit-learn digits (1,437 train / 360 test)", model=f"digits CNN ({numel:,} parameters)",
                        numel=numel, dense_bytes=4 * numel),
         "compute_ms_speed1": compute_ms,
