@@ -106,8 +106,8 @@ class Flower:
     def superlink(self, simulation: bool = False) -> int:
         port = free_port()
         argv = [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
-                "--disable-runtime-dependency-installation",
-                "--database", str(self.dir / "superlink.db")]
+                "--disable-runtime-dependency-installation"]  # state in memory: a file
+        # database under ten concurrent SuperNodes on two cores answers "database is locked"
         if simulation:
             argv += ["--simulation", "--isolation", "subprocess"]
         self.start("superlink", argv)
