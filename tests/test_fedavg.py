@@ -246,3 +246,10 @@ def test_simulator_runs_fedavg_with_local_steps_and_non_iid_shards():
     # Same compute (3 steps of 5 ms at speed 0.2: 75 ms a round), far fewer bytes on LTE: faster.
     assert ours["scalability"][-1]["speedup"] > dense["scalability"][-1]["speedup"]
     assert ours["step_ms"] > 75.0
+
+
+def test_layouts_from_the_wire_are_checked():
+    for bad in (b"not json", b"{}", b'[["w", [3], "object"]]', b'[["w", [-1], "<f4"]]', b'[["w", [65536, 65536, 65536], "<f4"]]',
+                b'[["w", [2], "<f4"], ["w", [2], "<f4"]]', b'[["w", [0], "<f4"]]', b'[["w", [2], "nope"]]'):
+        with pytest.raises(ic.DecodeError):
+            Layout.from_json(bad)

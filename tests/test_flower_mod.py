@@ -252,7 +252,7 @@ def _digits_run(compressed: bool, rounds: int = 30, clients: int = 10):
         torch.manual_seed(0)
         return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
 
-    app = ClientApp(mods=[compression_mod(density=0.01, quant="int8")] if compressed else [])
+    app = ClientApp(mods=[compression_mod(density=0.03, quant="sign")] if compressed else [])
 
     @app.train()
     def train(msg, ctx):
@@ -276,7 +276,7 @@ def _digits_run(compressed: bool, rounds: int = 30, clients: int = 10):
     torch.set_num_threads(1)
     try:
         grid = InProcessGrid(app, {200 + i: {"partition-id": i} for i in range(clients)})
-        strategy = CompressedFedAvg(fraction_evaluate=0.0, density=0.05, quant="int8") if compressed else FedAvg(fraction_evaluate=0.0)
+        strategy = CompressedFedAvg(fraction_evaluate=0.0, density=0.06, quant="int8") if compressed else FedAvg(fraction_evaluate=0.0)
         result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model().state_dict()), num_rounds=rounds)
     finally:
         torch.set_num_threads(threads)
@@ -356,3 +356,25 @@ def test_federated_evaluation_goes_compressed_too():
     train2 = [e for e in strategy.stats if e["phase"] == "train"][1]
     assert max(train2["down_bytes"].values()) == HEADER_LEN + 2
     assert result.evaluate_metrics_clientapp[2]["norm"] > 0
+
+
+def test_damaged_state_file_starts_over_with_a_keyframe(tmp_path):
+    mod = compression_mod(density=0.1, state_dir=str(tmp_path))
+    strategy = CompressedFedAvg(fraction_evaluate=0.0, density=0.2, catch_up=1)
+    grid = _grid(_app([mod]))
+    strategy.start(grid=grid, initial_arrays=_init(), num_rounds=2)
+    path = state_path(str(tmp_path), grid.contexts[103])
+    with open(path, "r+b") as f:
+        f.seek(100)
+        f.write(b"\0\0\0\0")
+    for node in NODES:
+        grid.contexts[node].state = RecordDict()
+    msgs = strategy.configure_train(3, _model(strategy), ConfigRecord({}), grid)
+    strategy.aggregate_train(3, grid.send_and_receive(msgs))
+    assert strategy.stats[-1]["failed"] == 1  # 103 could not apply the delta ...
+    msgs = strategy.configure_train(4, _model(strategy), ConfigRecord({}), grid)
+    kinds = {m.metadata.dst_node_id: parse_envelope(m.content["config"][ENVELOPE_KEY]).kind for m in msgs}
+    assert kinds == {101: 0, 102: 0, 103: 1}  # ... and gets a keyframe
+    strategy.aggregate_train(4, grid.send_and_receive(msgs))
+    assert strategy.stats[-1]["failed"] == 0
+    assert ClientState.load(path).version == strategy.server.version

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import tempfile
@@ -125,7 +126,7 @@ class Layout:
 
     @property
     def numel(self) -> int:
-        return sum(int(np.prod(s, dtype=np.int64)) for _, s, _ in self.entries)
+        return sum(math.prod(s) for _, s, _ in self.entries)  # exact: no int64 wrap-around
 
     def to_json(self) -> bytes:
         return json.dumps([[n, list(s), d] for n, s, d in self.entries], separators=(",", ":")).encode()
@@ -164,7 +165,7 @@ class Layout:
         """``{name: ndarray}`` in the layout's shapes and dtypes (integers rounded)."""
         out, at = {}, 0
         for name, shape, dtype in self.entries:
-            n = int(np.prod(shape, dtype=np.int64))
+            n = math.prod(shape)
             part = vec[at:at + n].reshape(shape)
             dt = np.dtype(dtype)
             out[name] = (np.rint(part) if dt.kind in "iu" else part).astype(dt)
@@ -577,7 +578,9 @@ class FedAvgServer:
     (``density=None`` and ``threshold=None``: dense, in ``quant``). ``keyframe_quant`` is
     the first keyframe's precision (``f16`` halves it; later keyframes are exact, since a
     client must match the others bit for bit). ``catch_up``: how many past deltas are kept
-    for clients that missed rounds (they get those instead of a keyframe when smaller).
+    (at least 1): a client up to that many versions behind gets the deltas it lacks instead
+    of a keyframe, when they are smaller; ``catch_up=1`` sends a keyframe to any client that
+    missed a version.
     ``lineage``: 8 bytes naming this run (random by default)."""
 
     def __init__(
@@ -598,8 +601,8 @@ class FedAvgServer:
             raise ValueError(f"keyframe_quant must be f32, f16 or bf16, got {keyframe_quant!r}")
         self.keyframe_quant = keyframe_quant
         Compressor(1, quant=quant, **self.selection)  # bad options fail here
-        if isinstance(catch_up, bool) or not isinstance(catch_up, int) or not 0 <= catch_up <= _MAX_CHAIN:
-            raise ValueError(f"catch_up must be an int in 0..{_MAX_CHAIN}, got {catch_up!r}")
+        if isinstance(catch_up, bool) or not isinstance(catch_up, int) or not 1 <= catch_up <= _MAX_CHAIN:
+            raise ValueError(f"catch_up must be an int in 1..{_MAX_CHAIN}, got {catch_up!r}")
         self.catch_up = catch_up
         self.lineage = os.urandom(8) if lineage is None else bytes(lineage)
         if len(self.lineage) != 8:
@@ -642,7 +645,7 @@ class FedAvgServer:
         msg = c.compress(self.x - self.y)
         decode_add(msg, self.y)  # exactly what every client does
         self.version += 1
-        self.history = (self.history + [msg])[-self.catch_up:] if self.catch_up else []
+        self.history = (self.history + [msg])[-self.catch_up:]
         self._keyframe = None
 
     def keyframe(self) -> bytes:

@@ -137,15 +137,15 @@ def compression_mod(
             nbytes = budget_bytes(profile, None if budget is None else float(budget))
         directory = cfg.get(STATE_DIR_KEY, state_dir)
         path = None if directory in (None, "") else state_path(str(directory), context)
-        if path is not None:
-            try:
+        try:
+            if path is not None:
                 state = ClientState.load(path)
-            except DecodeError as e:  # a corrupted file: start over (the server sends a keyframe)
-                log.warning("iotcompress: ignoring the state file %s: %s", path, e)
-                state = None
-        else:
-            rec = context.state.config_records.get(ENVELOPE_KEY)
-            state = None if rec is None or "state" not in rec else ClientState.from_bytes(rec["state"])
+            else:
+                rec = context.state.config_records.get(ENVELOPE_KEY)
+                state = None if rec is None or "state" not in rec else ClientState.from_bytes(rec["state"])
+        except DecodeError as e:  # damaged: start over (the server sends a keyframe)
+            log.warning("iotcompress: ignoring the saved state (%s): %s", path or "context.state", e)
+            state = None
         tag = cfg.get("partition-id", context.node_id)
         # The simulator seeds device i with i: the same partition gives the same bytes in both.
         s = seed if seed is not None else tag if isinstance(tag, int) and tag >= 0 else zlib.crc32(str(tag).encode())
@@ -215,7 +215,8 @@ class CompressedStrategy(Strategy):
 
     ``density``/``threshold``/``quant``: the downlink delta's compression (dense ``quant``
     when both are None); ``keyframe_quant``: the first keyframe's precision; ``catch_up``:
-    past deltas kept for clients that missed rounds.
+    past deltas kept for clients that missed rounds (``catch_up=1``: a keyframe for any
+    client that missed one).
 
     :attr:`stats` has one entry per round: payload bytes sent to and received from each
     client, keyframes, failures (what docs/flower.md calls payload bytes).
