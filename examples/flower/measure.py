@@ -53,7 +53,7 @@ def simulation(args, work):
         flower.superlink(simulation=True)
         conn = flower.write_connections(simulation_nodes=args.clients)
         res = {}
-        for compress in (False, True):
+        for compress in args.compress:
             path = flower.dir / f"report-{compress}.json"
             flower.run(conn, {"num-server-rounds": args.rounds, "compress": compress, "min-nodes": args.clients,
                               "report-path": str(path)})
@@ -88,7 +88,7 @@ def deployment(args, work):
                                             "down": idle["down"] * 60 / (t1 - t0) / args.clients,
                                             "requests": idle["requests"] * 60 / (t1 - t0) / args.clients,
                                             "seconds": t1 - t0}}
-        for compress in (False, True):
+        for compress in args.compress:
             path = flower.dir / f"report-{compress}.json"
             t_start = time.time()
             flower.run(conn, {"num-server-rounds": args.rounds, "compress": compress, "min-nodes": args.clients,
@@ -109,8 +109,10 @@ def main():
     ap.add_argument("--clients", type=int, default=10)
     ap.add_argument("--idle-seconds", type=float, default=30.0)
     ap.add_argument("--engines", default="simulation,deployment")
+    ap.add_argument("--modes", default="plain,compressed")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
+    args.compress = [{"plain": False, "compressed": True}[m] for m in args.modes.split(",")]
     work = Path(tempfile.mkdtemp(prefix="iotc-flower-measure-"))
     res = {"rounds": args.rounds, "clients": args.clients}
     for engine in args.engines.split(","):

@@ -13,7 +13,7 @@ from iotc_fedapp import task
 
 def iotcompress_mod(msg: Message, context: Context, call_next):
     """Compression when the run asks for it (this app compares both). An app that always
-    compresses writes ``ClientApp(mods=[compression_mod(density=0.01)])`` instead. The node
+    compresses writes ``ClientApp(mods=[compression_mod(density=0.03, quant="sign")])`` instead. The node
     config may name a link (``iotcompress-link="lora"``), a budget and a state directory
     (``iotcompress-state-dir``), which make the budget and the persistent state per node."""
     cfg = context.run_config

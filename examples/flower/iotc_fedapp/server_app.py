@@ -95,7 +95,8 @@ def main(grid: Grid, context: Context) -> None:
     if compress:
         from iotcompress.flower import CompressedFedAvg
 
-        strategy = CompressedFedAvg(**kwargs, density=float(cfg["down-density"]), quant=str(cfg["quant"]))
+        strategy = CompressedFedAvg(**kwargs, density=float(cfg["down-density"]),
+                                    quant=str(cfg["down-quant"]))
     else:
         strategy = FedAvg(**kwargs)
 
