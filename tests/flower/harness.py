@@ -87,7 +87,10 @@ class Flower:
 
     def close(self) -> None:
         for name in list(self.procs):
-            self.kill(name)
+            try:
+                self.kill(name)
+            except BaseException:  # noqa: BLE001 - an interrupt here must not leave the others
+                pass
         for _ in range(3):  # children that left the sessions (Ray daemons), by pid
             pids = _our_pids(self.tag, self.dir)
             if not pids:
