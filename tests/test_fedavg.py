@@ -253,3 +253,30 @@ def test_layouts_from_the_wire_are_checked():
                 b'[["w", [2], "<f4"], ["w", [2], "<f4"]]', b'[["w", [0], "<f4"]]', b'[["w", [2], "nope"]]'):
         with pytest.raises(ic.DecodeError):
             Layout.from_json(bad)
+
+
+def test_an_update_the_server_did_not_use_goes_back_into_the_residual():
+    server = FedAvgServer(LAYOUT, _x0(), density=0.1)
+    c = FedAvgClient(density=0.05, audit=True)
+    c.send(_train(c.receive(server.message_for(0)), 0, 1))
+    delta = c.state.delta_sum.copy()
+    server.confirm(0, None)  # lost on the way: never decoded, never used
+    c.receive(server.message_for(0))
+    np.testing.assert_allclose(c.state.compressor["residual"], delta, rtol=0, atol=1e-6)  # all of it, delayed
+    assert not c.state.sent_sum.any() and c.state.last_sent is None
+    # Decoded but then rejected (say, no num-examples): not used either.
+    up = c.send(_train(c.state.replica, 0, 2))
+    server.decode_reply(0, up)
+    server.confirm(0, False)
+    restored = ClientState.from_bytes(c.state.to_bytes())  # the unacknowledged update survives a restart
+    c = FedAvgClient(density=0.05, audit=True, state=restored)
+    c.receive(server.message_for(0))
+    np.testing.assert_allclose(c.state.compressor["residual"], c.state.delta_sum, rtol=0, atol=1e-5)
+    # Used: acknowledged, and kept out of the residual.
+    up = c.send(_train(c.state.replica, 0, 3))
+    server.decode_reply(0, up)
+    server.confirm(0, True)
+    kept = c.state.compressor["residual"].tobytes()
+    c.receive(server.message_for(0))
+    assert c.state.compressor["residual"].tobytes() == kept and c.state.last_sent is None
+    np.testing.assert_allclose(c.state.sent_sum + c.state.compressor["residual"], c.state.delta_sum, rtol=0, atol=1e-5)

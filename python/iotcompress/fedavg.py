@@ -22,7 +22,10 @@ The protocol, per round ``t``:
 
 Every envelope starts with a 30-byte header: ``b"ICFL"``, format version 1, kind (0 delta
 chain, 1 keyframe, 2 update), the layout fingerprint (8 bytes), the run's lineage (8 bytes,
-random per server), base and new version (u32 LE each). Everything after it is length-checked;
+random per server), base and new version (u32 LE each). A downlink envelope then carries the
+*acknowledgement* (u32: the base version of this client's last update the server used,
+``0xFFFFFFFF`` for none): a client whose last update was not used (lost, late, rejected) puts
+it back into its residual, so it is delayed, not lost. Everything after it is length-checked;
 the iotcompress messages inside are checksummed by the wire format.
 
 Example::
@@ -56,7 +59,8 @@ from .errors import DecodeError, IotCompressError
 
 __all__ = [
     "Layout", "FedAvgClient", "FedAvgServer", "ClientState", "ReplyError", "StaleReplicaError",
-    "HEADER_LEN", "RESIDUAL_FORMATS", "parse_envelope", "dirichlet_partition", "weight_of",
+    "HEADER_LEN", "RESIDUAL_FORMATS", "KIND_DELTAS", "KIND_KEYFRAME", "KIND_UPDATE", "parse_envelope",
+    "dirichlet_partition", "weight_of",
 ]
 
 MAGIC = b"ICFL"
@@ -70,6 +74,7 @@ RESIDUAL_FORMATS = ("f32", "f16", "bf16", "int8")
 _INT8_BLOCK = 32
 _MAX_LAYOUT_JSON = 1 << 20
 _MAX_CHAIN = 1024
+_NONE = 0xFFFFFFFF
 
 
 class ReplyError(DecodeError):
@@ -189,6 +194,7 @@ class Envelope:
     new: int
     messages: List[bytes] = field(default_factory=list)
     layout: Optional[Layout] = None
+    acked: Optional[int] = None  # downlink: base version of the client's last update used
 
 
 def parse_envelope(data: Any) -> Envelope:
@@ -210,6 +216,12 @@ def parse_envelope(data: Any) -> Envelope:
     if kind == KIND_UPDATE:
         env.messages = [bytes(body)]
         return env
+    if kind in (KIND_KEYFRAME, KIND_DELTAS):
+        if len(body) < 4:
+            raise DecodeError("downlink envelope truncated before its acknowledgement")
+        (acked,) = struct.unpack_from("<I", body)
+        env.acked = None if acked == _NONE else acked
+        body = body[4:]
     if kind == KIND_KEYFRAME:
         if len(body) < 4:
             raise DecodeError("keyframe truncated before its layout length")
@@ -243,16 +255,20 @@ def parse_envelope(data: Any) -> Envelope:
     raise DecodeError(f"unknown envelope kind {kind}")
 
 
-def _chain(fp: bytes, lineage: bytes, base: int, msgs: Sequence[bytes]) -> bytes:
-    parts = [_header(KIND_DELTAS, fp, lineage, base, base + len(msgs)), struct.pack("<H", len(msgs))]
+def _ack(acked: Optional[int]) -> bytes:
+    return struct.pack("<I", _NONE if acked is None else acked)
+
+
+def _chain(fp: bytes, lineage: bytes, base: int, msgs: Sequence[bytes], acked: Optional[int]) -> bytes:
+    parts = [_header(KIND_DELTAS, fp, lineage, base, base + len(msgs)), _ack(acked), struct.pack("<H", len(msgs))]
     for m in msgs:
         parts += [struct.pack("<I", len(m)), m]
     return b"".join(parts)
 
 
-def _keyframe(layout: Layout, lineage: bytes, version: int, msg: bytes) -> bytes:
+def _keyframe_body(layout: Layout, msg: bytes) -> bytes:
     lj = layout.to_json()
-    return b"".join([_header(KIND_KEYFRAME, layout.fingerprint, lineage, 0, version), struct.pack("<I", len(lj)), lj, msg])
+    return struct.pack("<I", len(lj)) + lj + msg
 
 
 # ------------------------------------------------------------------------- compact formats
@@ -331,12 +347,14 @@ class ClientState:
     rounds: int = 0
     delta_sum: Optional[np.ndarray] = None
     sent_sum: Optional[np.ndarray] = None
+    last_sent: Optional[bytes] = None  # the last update's message, until acknowledged
+    last_sent_base: int = 0
 
     def to_bytes(self) -> bytes:
         meta: Dict[str, Any] = {
             "lineage": self.lineage.hex(), "version": self.version, "rounds": self.rounds,
             "layout": None if self.layout is None else self.layout.to_json().decode(),
-            "residual_format": self.residual_format, "blobs": [],
+            "residual_format": self.residual_format, "blobs": [], "last_sent_base": self.last_sent_base,
         }
         blobs: List[bytes] = []
 
@@ -356,6 +374,8 @@ class ClientState:
             v = getattr(self, name)
             if v is not None:
                 add(name, np.ascontiguousarray(v, "<f8").tobytes(), "f64")
+        if self.last_sent is not None:
+            add("last_sent", self.last_sent, "raw")
         mj = json.dumps(meta, separators=(",", ":")).encode()
         body = _STATE_MAGIC + struct.pack("<I", len(mj)) + mj + b"".join(blobs)
         return body + hashlib.sha256(body).digest()
@@ -377,7 +397,8 @@ class ClientState:
             at += n
             layout = None if meta["layout"] is None else Layout.from_json(meta["layout"].encode())
             st = cls(layout=layout, lineage=bytes.fromhex(meta["lineage"]), version=int(meta["version"]),
-                     residual_format=meta["residual_format"], rounds=int(meta["rounds"]))
+                     residual_format=meta["residual_format"], rounds=int(meta["rounds"]),
+                     last_sent_base=int(meta["last_sent_base"]))
             numel = 0 if layout is None else layout.numel
             arrays: Dict[str, np.ndarray] = {}
             for name, fmt, size in meta["blobs"]:
@@ -385,7 +406,9 @@ class ClientState:
                 at += size
                 if len(blob) != size:
                     raise DecodeError(f"client state blob {name!r} truncated")
-                if fmt == "f64":
+                if fmt == "raw":
+                    arrays[name] = blob
+                elif fmt == "f64":
                     if size != 8 * numel:
                         raise DecodeError(f"client state blob {name!r} has {size} bytes")
                     arrays[name] = np.frombuffer(blob, "<f8").astype(np.float64)
@@ -405,6 +428,7 @@ class ClientState:
             st.compressor = c
         st.delta_sum = arrays.get("delta_sum")
         st.sent_sum = arrays.get("sent_sum")
+        st.last_sent = arrays.get("last_sent")
         return st
 
     def save(self, path: str) -> None:
@@ -516,9 +540,28 @@ class FedAvgClient:
             raise DecodeError(f"a client cannot receive an envelope of kind {env.kind}")
         if env.lineage != st.lineage or layout != st.layout:
             # Another run or model: the old residual and sums do not apply to it.
-            st.compressor, st.delta_sum, st.sent_sum, st.rounds = None, None, None, 0
+            st.compressor, st.delta_sum, st.sent_sum, st.rounds, st.last_sent = None, None, None, 0, None
+        elif st.last_sent is not None and env.acked != st.last_sent_base:
+            # The server did not use our last update: back into the residual it goes.
+            c = self._compressor(layout.numel)
+            c.restore(st.last_sent)
+            sent = decode(st.last_sent, layout.numel) if self.audit and st.sent_sum is not None else None
+            self._keep(c)
+            if sent is not None:
+                st.sent_sum -= sent
+            st.last_sent = None
+        elif st.last_sent is not None:
+            st.last_sent = None  # acknowledged
         st.layout, st.lineage, st.version, st.replica = layout, env.lineage, version, replica
         return replica.copy()
+
+    def _keep(self, c: Compressor) -> None:
+        """Stores ``c``'s state with the rule to resume with (not a one-off budget retry)."""
+        state = c.state_dict()
+        options = dict(c.options, density=None, threshold=None, target_bytes=None, adaptive=False, exact=False)
+        options.update(self._rule())
+        state["options"] = options
+        self.state.compressor = state
 
     def _compressor(self, numel: int) -> Compressor:
         c = Compressor(numel, quant=self.quant, momentum=self.momentum, seed=self.seed, **self._rule())
@@ -550,12 +593,9 @@ class FedAvgClient:
             c.set_selection(target_bytes=self.budget_bytes - HEADER_LEN)
             msg = c.compress(delta)
         envelope = _header(KIND_UPDATE, st.layout.fingerprint, st.lineage, st.version, st.version) + msg
-        state = c.state_dict()
-        options = dict(c.options, density=None, threshold=None, target_bytes=None, adaptive=False, exact=False)
-        options.update(self._rule())  # the rule to resume with, not a one-off budget retry
-        state["options"] = options
-        st.compressor = state
+        self._keep(c)
         st.rounds += 1
+        st.last_sent, st.last_sent_base = msg, st.version
         if self.audit:
             if st.delta_sum is None:
                 st.delta_sum = np.zeros(st.layout.numel)
@@ -614,7 +654,9 @@ class FedAvgServer:
         self._dirty = True  # x moved since the last broadcast
         self.known: Dict[Any, int] = {}  # client -> replica version it confirmed
         self.pending: Dict[Any, int] = {}  # client -> version sent, not yet confirmed
-        self._keyframe: Optional[bytes] = None
+        self.used: Dict[Any, int] = {}  # client -> base version of its last update aggregated
+        self._decoded: Dict[Any, int] = {}  # client -> base of the update decode_reply accepted
+        self._keyframe: Optional[bytes] = None  # the keyframe's body (after the acknowledgement)
 
     def _vector(self, x: Any) -> np.ndarray:
         x = np.array(x, np.float32, copy=True).reshape(-1)
@@ -639,7 +681,7 @@ class FedAvgServer:
             msg = Compressor(self.layout.numel, quant=self.keyframe_quant).compress(self.x)
             self.y = decode(msg, self.layout.numel)
             self.version = 1
-            self._keyframe = _keyframe(self.layout, self.lineage, self.version, msg)
+            self._keyframe = _keyframe_body(self.layout, msg)
             return
         c = Compressor(self.layout.numel, quant=self.quant, seed=self.version, **self.selection)
         msg = c.compress(self.x - self.y)
@@ -648,29 +690,38 @@ class FedAvgServer:
         self.history = (self.history + [msg])[-self.catch_up:]
         self._keyframe = None
 
-    def keyframe(self) -> bytes:
+    def keyframe(self, acked: Optional[int] = None) -> bytes:
+        """The current replica as a keyframe envelope (exact after the first)."""
+        self.broadcast()
         if self._keyframe is None:
             msg = Compressor(self.layout.numel, quant="f32").compress(self.y)
-            self._keyframe = _keyframe(self.layout, self.lineage, self.version, msg)
-        return self._keyframe
+            self._keyframe = _keyframe_body(self.layout, msg)
+        return _header(KIND_KEYFRAME, self.layout.fingerprint, self.lineage, 0, self.version) + _ack(acked) + self._keyframe
 
     def message_for(self, client: Any) -> bytes:
         """The envelope that brings ``client``'s replica to the current version (after a
         :meth:`broadcast` when the model moved): the deltas it lacks or a keyframe."""
         self.broadcast()
-        have = self.known.get(client)
+        have, acked = self.known.get(client), self.used.get(client)
         self.pending[client] = self.version
+        keyframe = self.keyframe(acked)
         if have is not None and self.version - len(self.history) <= have <= self.version:
-            chain = _chain(self.layout.fingerprint, self.lineage, have, self.history[len(self.history) - (self.version - have):])
-            if len(chain) < len(self.keyframe()) or have == self.version:
+            missed = self.history[len(self.history) - (self.version - have):]
+            chain = _chain(self.layout.fingerprint, self.lineage, have, missed, acked)
+            if len(chain) < len(keyframe) or have == self.version:
                 return chain
-        return self.keyframe()
+        return keyframe
 
     def confirm(self, client: Any, ok: Optional[bool]) -> None:
-        """After a round: ``ok=True`` the client replied (it holds the version sent),
-        ``False`` it failed (unknown: a keyframe next time), ``None`` no reply (it may or may
-        not have applied it; the deltas since its last confirmed version cover both)."""
+        """After a round: ``ok=True`` the client replied (it holds the version sent; an
+        update of it that :meth:`decode_reply` accepted is aggregated, and the next envelope
+        acknowledges it), ``False`` it failed (unknown: a keyframe next time; its update is
+        not used), ``None`` no reply (it may or may not have applied it; the deltas since its
+        last confirmed version cover both)."""
         sent = self.pending.pop(client, None)
+        decoded = self._decoded.pop(client, None)
+        if ok and decoded is not None:  # its update goes into the aggregate: acknowledge it
+            self.used[client] = decoded
         if ok and sent is not None:
             self.known[client] = sent
         elif ok is False:
@@ -691,7 +742,9 @@ class FedAvgServer:
             expected = self.pending.get(client, self.version)
             if env.base != expected:
                 raise ReplyError(f"the reply is a delta from version {env.base}; version {expected} was sent")
-            return decode(env.messages[0], self.layout.numel)
+            delta = decode(env.messages[0], self.layout.numel)
+            self._decoded[client] = env.base  # used once confirm(client, True) says so
+            return delta
         except ReplyError:
             raise
         except DecodeError as e:

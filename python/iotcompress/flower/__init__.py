@@ -29,7 +29,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from .._network import NetworkProfile, budget_bytes
 from ..errors import DecodeError
-from ..fedavg import ClientState, FedAvgClient, FedAvgServer, Layout, ReplyError, StaleReplicaError, weight_of
+from ..fedavg import ClientState, FedAvgClient, FedAvgServer, Layout, ReplyError, weight_of
 
 __all__ = ["compression_mod", "CompressedFedAvg", "CompressedStrategy", "ENVELOPE_KEY", "ARRAYS_KEY",
            "STATE_DIR_KEY", "LINK_KEY", "BUDGET_KEY", "state_path"]
