@@ -115,14 +115,14 @@ def test_kill_restart_lora_budget_and_wire_bytes(deployment):
         by_pid = {p: row["up"][nid] for nid, p in row["partition"].items()}
         assert by_pid[LORA] <= budget, (row["round"], by_pid, budget)
         assert all(b > by_pid[LORA] for p, b in by_pid.items() if p != LORA), (row["round"], by_pid)
-    flower.wire = {"compressed": _wire_per_round(flower, report)}
-
-
-def _wire_per_round(flower, report):
-    """Bytes through the proxy per client per round, both ways, in the rounds every client
-    finished (all four nodes answered)."""
+    # On the wire (the proxy), in the rounds where every node got a delta: Flower's framing
+    # around ~1.5 kB up and ~2 kB down stays far below even the plain model's payload (204 kB),
+    # which plain FedAvg pays both ways (examples/flower/README.md has both measured).
     snap = flower.proxy.snapshot()
-    rows = [r for r in report["rounds"] if len(r["up"]) == NODES]
-    up = [totals(snap, r["t_start"], r["t_end"])["up"] / NODES for r in rows]
-    down = [totals(snap, r["t_start"], r["t_end"])["down"] / NODES for r in rows]
-    return {"up": float(np.mean(up)), "down": float(np.mean(down)), "rounds": len(rows)}
+    delta_rounds = [r for r in rounds if len(r["up"]) == NODES and set(r["down_kind"].values()) == {"delta"}]
+    assert len(delta_rounds) >= 2
+    for r in delta_rounds:
+        wire = totals(snap, r["t_start"], r["t_end"])
+        payload_up, payload_down = sum(r["up"].values()), sum(r["down"].values())
+        assert payload_up < wire["up"] < 20_000 * NODES, (r["round"], wire)
+        assert payload_down < wire["down"] < 20_000 * NODES, (r["round"], wire)
