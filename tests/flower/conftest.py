@@ -8,7 +8,9 @@ import pytest
 from harness import flower_available
 
 
-@pytest.fixture(autouse=True)
+# Module scope: autouse fixtures come first in their scope, so this runs before the modules'
+# fixtures that start the processes.
+@pytest.fixture(scope="module", autouse=True)
 def _need_flower(request):
     if request.node.get_closest_marker("flower") is None:
         return  # the proxy's own tests need no Flower

@@ -65,10 +65,9 @@ class Flower:
     def start(self, name: str, argv: List[str], home: Optional[Path] = None) -> subprocess.Popen:
         env = dict(self.env)
         env["FLWR_HOME"] = str(home or self.home)
-        log = open(self.dir / f"{name}.log", "ab")
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.dir)
-        log.close()
+        with open(self.dir / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.dir)
         self.procs[name] = proc
         return proc
 
