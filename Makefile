@@ -7,7 +7,7 @@ CARGO   ?= cargo
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-PY_DEPS := "maturin>=1.5,<2" "numpy>=1.21" "pytest>=7" "pytest-timeout>=2" "hypothesis>=6" "torch>=2.1" "scikit-learn>=1.0" "matplotlib>=3.5" "lightning>=2.2" "accelerate>=0.30" "aeon>=1.0"
+PY_DEPS := "maturin>=1.5,<2" "numpy>=1.21" "pytest>=7" "pytest-timeout>=2" "hypothesis>=6" "torch>=2.1" "scikit-learn>=1.0" "matplotlib>=3.5" "lightning>=2.2" "accelerate>=0.30" "aeon>=1.0" "flwr[simulation]==1.42.0"
 
 .PHONY: novelty-eval demo test rust-test clippy nostd-check py-test develop deps lint fmt clean bench aarch64-test
 
@@ -64,6 +64,8 @@ nostd-check:
 	if [ -n "$$deps" ]; then echo "core has dependencies without features: $$deps"; exit 1; fi; \
 	echo "no_std core: builds, no dependencies"
 
+# Includes tests/flower/: real SuperLink/SuperNode/Ray processes on localhost (about 3.5 min;
+# they skip without flwr unless IOTCOMPRESS_REQUIRE_FLOWER=1, as in CI).
 py-test: develop
 	$(PY) -m pytest -m "not mcu" tests
 	IOTCOMPRESS_SIMD=off $(PY) -m pytest tests/test_golden.py tests/test_api.py -q
