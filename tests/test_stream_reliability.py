@@ -211,38 +211,54 @@ def test_any_error_leaves_the_state_unchanged_and_restore_loses_nothing(state, q
         cuts = [x for x in np.cumsum(cuts) if x < n]
         lengths = list(np.diff([0, *cuts, n]).astype(int))
         before = snapshot(c)
-        if op == "compress":
-            twin = _twin(c, before)
-            assert c.compress(g, chunks=lengths) == twin.compress(g)
-        elif op == "poison":
-            g[at] = np.nan if nan else np.float32(3e38)
-            try:
-                c.compress(g, chunks=lengths)
-            except ic.CompressError:
-                assert snapshot(c) == before
-            else:
-                assert not nan  # 3e38 fitted: a valid message
-        elif op == "restore":
-            if c.can_restore:
-                c.restore()
-                assert not c.can_restore
-            else:
-                with pytest.raises(ic.CompressError):
-                    c.restore()
-                assert snapshot(c) == before
-        elif op == "accumulate":
-            c.accumulate(g)
-        else:  # a feed fails mid-message: the message stays open until aborted
-            first = lengths[0] if lengths[0] < n else n // 2
-            c.begin()
-            c.feed(g[:first])
-            g[max(at, first)] = np.nan
-            with pytest.raises(ic.CompressError):
-                c.feed(g[first:])
-            assert c.fed == first
-            c.abort()
+        # After a restored or unsent 3e38 the state itself holds near-max values, and the next
+        # r + g (with momentum, r + 0.9·u + g) really overflows: then the call must refuse and
+        # change nothing. With ordinary state every call below must succeed.
+        huge = max(np.abs(c.residual).max(), np.abs(c.velocity).max()) > 1e37
+        try:
+            _apply(c, op, g, lengths, at, nan, before)
+        except ic.CompressError:
+            if not huge:
+                raise
+            c.abort()  # a feed that failed leaves its message open
             assert snapshot(c)[:5] == before[:5]
         assert np.isfinite(c.residual).all() and np.isfinite(c.velocity).all()
+
+
+def _apply(c, op, g, lengths, at, nan, before) -> None:
+    """One step of the property test above; raises what the library raises."""
+    n = c.numel
+    if op == "compress":
+        twin = _twin(c, before)
+        assert c.compress(g, chunks=lengths) == twin.compress(g)
+    elif op == "poison":
+        g[at] = np.nan if nan else np.float32(3e38)
+        try:
+            c.compress(g, chunks=lengths)
+        except ic.CompressError:
+            assert snapshot(c) == before
+        else:
+            assert not nan  # 3e38 fitted: a valid message
+    elif op == "restore":
+        if c.can_restore:
+            c.restore()
+            assert not c.can_restore
+        else:
+            with pytest.raises(ic.CompressError):
+                c.restore()
+            assert snapshot(c) == before
+    elif op == "accumulate":
+        c.accumulate(g)
+    else:  # a feed fails mid-message: the message stays open until aborted
+        first = lengths[0] if lengths[0] < n else n // 2
+        c.begin()
+        c.feed(g[:first])
+        g[max(at, first)] = np.nan
+        with pytest.raises(ic.CompressError):
+            c.feed(g[first:])
+        assert c.fed == first
+        c.abort()
+        assert snapshot(c)[:5] == before[:5]
 
 
 def _twin(c: ic.StreamingCompressor, snap) -> ic.StreamingCompressor:
