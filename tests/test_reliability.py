@@ -415,3 +415,24 @@ def test_a_gradient_changed_mid_call_never_poisons_the_state(low_memory):
     _run_threads(compress, poison, seconds=1.5)
     assert np.isfinite(c.residual).all()
     assert outcomes["ok"] + outcomes["refused"] > 0
+
+
+def test_restorable_off_records_nothing_and_revert_still_works():
+    g = np.random.default_rng(3).standard_normal(1000).astype(np.float32)
+    c = ic.Compressor(1000, quant="f16")
+    assert c.restorable
+    c.restorable = False
+    c.double_buffered = True
+    before = c.state_dict()
+    c.compress(g)
+    assert not c.can_restore and c.can_revert
+    with pytest.raises(ic.CompressError):
+        c.restore()
+    c.revert()
+    after = c.state_dict()
+    assert all(np.array_equal(np.asarray(before[k]), np.asarray(after[k])) for k in before)
+    c.restorable = True
+    c.compress(g)
+    assert c.can_restore
+    with pytest.raises(TypeError):
+        c.restorable = 1

@@ -228,6 +228,18 @@ impl PyCompressor {
         });
     }
 
+    /// Whether compress keeps the undo record `restore()` needs.
+    #[getter]
+    fn restorable(&self, py: Python<'_>) -> bool {
+        self.with(py, |s| s.core.recording())
+    }
+
+    /// Turns the undo record of `restore()` on or off (off drops the current one).
+    #[setter]
+    fn set_restorable(&self, py: Python<'_>, on: bool) {
+        self.with(py, |s| s.core.set_recording(on));
+    }
+
     /// Takes the last compress or accumulate back whole (double-buffered only).
     fn revert(&self, py: Python<'_>) -> PyResult<()> {
         self.with(py, |s| s.core.revert()).map_err(|e| to_py(py, e))

@@ -386,6 +386,22 @@ class Compressor:
             self._ext.double_buffered = bool(on)
 
     @property
+    def restorable(self) -> bool:
+        """Whether :meth:`restore` can put the last message back: the compressor keeps an
+        O(k) undo record of each message's entries (k = the message's entries, every entry
+        for a dense one). True by default. Settable: off, nothing is recorded (a dense
+        compress is a pass faster) and ``restore()`` without a message raises
+        :class:`CompressError` until a compress with it on; :meth:`revert` is unaffected."""
+        return self._ext.restorable
+
+    @restorable.setter
+    def restorable(self, on: bool) -> None:
+        if not isinstance(on, (bool, np.bool_)):
+            raise TypeError(f"restorable must be a bool, got {type(on).__name__}")
+        with self._lock:
+            self._ext.restorable = bool(on)
+
+    @property
     def options(self) -> Dict[str, Any]:
         """The constructor's keyword options (a copy)."""
         return dict(self._options)

@@ -92,9 +92,11 @@ def compressor_states(compressors: Mapping[str, ic.Compressor]) -> Dict[str, Any
 def undoable(comp: ic.Compressor) -> ic.Compressor:
     """``comp``, double-buffered unless it was made with ``low_memory=True``: the faces take
     a call back with :meth:`iotcompress.Compressor.revert`, O(1), for twice the state's
-    memory."""
+    memory. They never put a message back with ``restore()``, so it keeps no undo record
+    (``restorable = False``: for a dense message that record is a pass over every entry)."""
     if not comp.low_memory:
         comp.double_buffered = True
+    comp.restorable = False
     return comp
 
 

@@ -168,6 +168,7 @@ class CompressionState:
         "budget_ms",
         "_budget_rule",
         "_budget_params",
+        "_dense_values",
     )
 
     def __init__(
@@ -223,6 +224,9 @@ class CompressionState:
         self._undo_last: List[Callable[[], None]] = []
         self._verify_step: Optional[int] = None  # the step whose hooks compare the ranks' settings
         self.network: Optional[ic.NetworkProfile] = None
+        # Dense wire values per bucket index, reused every step: a fresh bucket-sized array
+        # each step costs its page faults, more than the copy into it.
+        self._dense_values: Dict[int, np.ndarray] = {}
         self.budget_ms: Optional[float] = None
         self._budget_rule: Optional[Tuple[int, int]] = None  # (spare bytes, elements) of set_budget
         self._budget_params: set = set()
@@ -906,7 +910,11 @@ def _allreduce_dense(state: CompressionState, bucket: dist.GradBucket, messages:
     mode. A rank that sends nothing adds zeros; the sum is rescaled to the ranks that sent."""
     wire, bits = _SUMMABLE[state.options["quant"]]
     width = np.dtype(bits).itemsize
-    values = np.empty(sum(numels), dtype=bits) if messages else np.zeros(sum(numels), dtype=bits)
+    values = state._dense_values.get(bucket.index())
+    if values is None or values.size != sum(numels):
+        values = state._dense_values[bucket.index()] = np.empty(sum(numels), dtype=bits)
+    if not messages:
+        values.fill(0)
     offset = 0
     for numel, msg in zip(numels, messages):
         # This rank's own dense message: header, the values, a 4-byte CRC (no index block).
@@ -923,13 +931,16 @@ def _allreduce_dense(state: CompressionState, bucket: dist.GradBucket, messages:
     is_last = bucket.is_last()
     fut = dist.all_reduce(flat.to(link.device), group=link.group, async_op=True).get_future()
 
+    buffer = bucket.buffer()
+
     def average(f: torch.futures.Future) -> torch.Tensor:
-        total = f.value()[0]
+        # Into the bucket in place, as PyTorch's own hooks do: no fresh bucket-sized tensor.
+        buffer.copy_(f.value()[0])
         if senders != link.world:
-            total = total.float() * (link.world / senders if senders else 0.0)
+            buffer.mul_(link.world / senders if senders else 0.0)
         if is_last:
             _finish_step(state)
-        return total.to(device=device, dtype=dtype)
+        return buffer
 
     return fut.then(average)
 

@@ -36,6 +36,10 @@ pub struct OwnedCompressor {
     pending: Undo,
     /// How to take back the last call whole ([`OwnedCompressor::revert`]).
     revert: Revert,
+    /// Whether compress keeps the undo record [`OwnedCompressor::restore`] needs (on by
+    /// default). A face that only ever reverts turns it off: a dense message's record is
+    /// every entry, a pass and twice the state's size in writes.
+    recording: bool,
 }
 
 /// The counters before the last compress or accumulate that left the old state in the
@@ -84,10 +88,26 @@ impl OwnedCompressor {
             undo: Undo::default(),
             pending: Undo::default(),
             revert: Revert::default(),
+            recording: true,
             core,
         };
         c.set_double_buffering(numel >= DOUBLE_BUFFER_MIN);
         Ok(c)
+    }
+
+    /// Turns the undo record of [`OwnedCompressor::restore`] on (the default) or off. Off,
+    /// a compress records nothing, and `restore()` fails with [`Error::NothingToRestore`]
+    /// until a compress with recording on; [`OwnedCompressor::revert`] is unaffected.
+    pub fn set_recording(&mut self, on: bool) {
+        self.recording = on;
+        if !on {
+            self.undo.clear();
+        }
+    }
+
+    /// Whether compress keeps the undo record of [`OwnedCompressor::restore`].
+    pub fn recording(&self) -> bool {
+        self.recording
     }
 
     /// Double buffering: a second residual and velocity ([`Spare`]) receive each new state,
@@ -186,14 +206,16 @@ impl OwnedCompressor {
                 pending.velocity.push(u);
             }
         };
+        let recording = self.recording;
         let (core, bufs) = self.lend();
-        let result = core.compress_recording(bufs, grad, out, Some(&mut record));
+        let result =
+            core.compress_recording(bufs, grad, out, recording.then_some(&mut record as _));
         if let Ok(info) = result {
             if info.swapped {
                 self.swap();
                 self.revert = before;
             }
-            pending.valid = true;
+            pending.valid = recording;
             core::mem::swap(&mut self.undo, &mut pending);
         }
         self.pending = pending;
