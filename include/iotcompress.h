@@ -1164,12 +1164,13 @@ IotcompressStatus iotcompress_stream_init(struct IotcompressStream *stream,
  * Starts a message: fixes its threshold, Rice parameter and value scale and reserves the
  * header in `bufs->out`. Then feed the gradient in order with `iotcompress_stream_feed` and
  * end with `iotcompress_stream_finish`, with the same buffers (contents untouched between
- * the calls). Beginning again abandons an open message (its entries then stay lost from
- * the residual: always finish).
+ * the calls). A message that is open (begun, not finished) is never abandoned: begin
+ * refuses it, and `iotcompress_stream_abort` closes it without losing anything.
  *
- * Errors: `IOTCOMPRESS_ERR_LENGTH_MISMATCH` (`state_len` is not the configured size),
- * `IOTCOMPRESS_ERR_BUFFER_TOO_SMALL` (`out_cap` below `min_message_len`),
- * `IOTCOMPRESS_ERR_BAD_STATE`, `IOTCOMPRESS_ERR_INVALID_CONFIG`, and the pointer errors.
+ * Errors (nothing changed): `IOTCOMPRESS_ERR_LENGTH_MISMATCH` (`state_len` is not the
+ * configured size), `IOTCOMPRESS_ERR_BUFFER_TOO_SMALL` (`out_cap` below `min_message_len`),
+ * `IOTCOMPRESS_ERR_BAD_STATE` (a message is open, or the struct is not a stream),
+ * `IOTCOMPRESS_ERR_INVALID_CONFIG`, and the pointer errors.
  *
  * # Safety
  * `stream` and `bufs` must be NULL or point at live structs, and the buffers of `bufs` at
@@ -1212,6 +1213,25 @@ IotcompressStatus iotcompress_stream_feed(struct IotcompressStream *stream,
 IotcompressStatus iotcompress_stream_finish(struct IotcompressStream *stream,
                                             const struct IotcompressStreamBuffers *bufs,
                                             struct IotcompressStreamInfo *info);
+
+/**
+ * Closes the open message without sending it and without losing anything: the elements not
+ * yet fed are fed as zeros, the message is finished into `bufs->out` and put back into the
+ * state as `iotcompress_stream_restore` does. Afterwards the residual holds everything the
+ * fed chunks carried (as if their gradient had only been accumulated, exact up to one f32
+ * rounding per sent entry and the state format's rounding) and the counters are those after
+ * one message. What a device does after a feed failed (a NaN chunk): abort, then begin the
+ * next message.
+ *
+ * Errors (nothing changed): `IOTCOMPRESS_ERR_STREAM_CLOSED` (no message open),
+ * `IOTCOMPRESS_ERR_LENGTH_MISMATCH` (other buffers than at begin),
+ * `IOTCOMPRESS_ERR_BAD_STATE`, `IOTCOMPRESS_ERR_INVALID_CONFIG`, the pointer errors.
+ *
+ * # Safety
+ * As for `iotcompress_stream_begin`.
+ */
+IotcompressStatus iotcompress_stream_abort(struct IotcompressStream *stream,
+                                           const struct IotcompressStreamBuffers *bufs);
 
 /**
  * Puts a finished message that could not be delivered back into the state: `residual +=

@@ -181,7 +181,7 @@ fn stream(u: &mut Unstructured<'_>) -> Result<()> {
             out_cap: out.len(),
         };
         let before = (bits(&s), state.clone());
-        let code = match u.int_in_range(0..=4u8)? {
+        let code = match u.int_in_range(0..=5u8)? {
             // SAFETY (all arms): every pointer points at as many live elements as its length says.
             0 => unsafe { iotcompress_stream_begin(&mut s, &bufs) },
             1 | 2 => {
@@ -197,13 +197,14 @@ fn stream(u: &mut Unstructured<'_>) -> Result<()> {
                 }
                 code
             }
-            _ => {
+            4 => {
                 let mut msg = last.clone();
                 if msg.is_empty() || u.arbitrary()? {
                     msg = u.arbitrary()?;
                 }
                 unsafe { iotcompress_stream_restore(&mut s, &bufs, msg.as_ptr(), msg.len()) }
             }
+            _ => unsafe { iotcompress_stream_abort(&mut s, &bufs) },
         };
         if code != 0 {
             assert_eq!(bits(&s), before.0, "code {code} changed the stream");

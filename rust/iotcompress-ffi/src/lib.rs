@@ -1680,12 +1680,13 @@ unsafe fn stream_parts<'a>(
 /// Starts a message: fixes its threshold, Rice parameter and value scale and reserves the
 /// header in `bufs->out`. Then feed the gradient in order with `iotcompress_stream_feed` and
 /// end with `iotcompress_stream_finish`, with the same buffers (contents untouched between
-/// the calls). Beginning again abandons an open message (its entries then stay lost from
-/// the residual: always finish).
+/// the calls). A message that is open (begun, not finished) is never abandoned: begin
+/// refuses it, and `iotcompress_stream_abort` closes it without losing anything.
 ///
-/// Errors: `IOTCOMPRESS_ERR_LENGTH_MISMATCH` (`state_len` is not the configured size),
-/// `IOTCOMPRESS_ERR_BUFFER_TOO_SMALL` (`out_cap` below `min_message_len`),
-/// `IOTCOMPRESS_ERR_BAD_STATE`, `IOTCOMPRESS_ERR_INVALID_CONFIG`, and the pointer errors.
+/// Errors (nothing changed): `IOTCOMPRESS_ERR_LENGTH_MISMATCH` (`state_len` is not the
+/// configured size), `IOTCOMPRESS_ERR_BUFFER_TOO_SMALL` (`out_cap` below `min_message_len`),
+/// `IOTCOMPRESS_ERR_BAD_STATE` (a message is open, or the struct is not a stream),
+/// `IOTCOMPRESS_ERR_INVALID_CONFIG`, and the pointer errors.
 ///
 /// # Safety
 /// `stream` and `bufs` must be NULL or point at live structs, and the buffers of `bufs` at
@@ -1711,6 +1712,10 @@ unsafe fn stream_begin_impl(
     // SAFETY: forwarded contract.
     let (st, state, out) = unsafe { stream_parts(stream, bufs, none, none) }?;
     let c = st.core()?;
+    if st.message.closed == 0 {
+        // Its fed chunks have taken entries out of the residual: starting over would lose them.
+        return Err(Status::ErrBadState);
+    }
     let m = c.begin(state, out)?;
     st.message =
         IotcompressStreamMessage::from_core(&m, state.as_ptr() as usize, out.as_ptr() as usize);
@@ -1823,6 +1828,60 @@ unsafe fn stream_finish_impl(
     };
     // SAFETY: forwarded contract: `info` is NULL or writable (and disjoint, checked).
     unsafe { write_opt(info, done) }
+}
+
+/// Closes the open message without sending it and without losing anything: the elements not
+/// yet fed are fed as zeros, the message is finished into `bufs->out` and put back into the
+/// state as `iotcompress_stream_restore` does. Afterwards the residual holds everything the
+/// fed chunks carried (as if their gradient had only been accumulated, exact up to one f32
+/// rounding per sent entry and the state format's rounding) and the counters are those after
+/// one message. What a device does after a feed failed (a NaN chunk): abort, then begin the
+/// next message.
+///
+/// Errors (nothing changed): `IOTCOMPRESS_ERR_STREAM_CLOSED` (no message open),
+/// `IOTCOMPRESS_ERR_LENGTH_MISMATCH` (other buffers than at begin),
+/// `IOTCOMPRESS_ERR_BAD_STATE`, `IOTCOMPRESS_ERR_INVALID_CONFIG`, the pointer errors.
+///
+/// # Safety
+/// As for `iotcompress_stream_begin`.
+#[no_mangle]
+pub unsafe extern "C" fn iotcompress_stream_abort(
+    stream: *mut IotcompressStream,
+    bufs: *const IotcompressStreamBuffers,
+) -> IotcompressStatus {
+    // SAFETY: forwarded contract.
+    status(unsafe { stream_abort_impl(stream, bufs) })
+}
+
+/// The body of `iotcompress_stream_abort`.
+///
+/// # Safety
+/// As for `iotcompress_stream_abort`.
+unsafe fn stream_abort_impl(
+    stream: *mut IotcompressStream,
+    bufs: *const IotcompressStreamBuffers,
+) -> Result<(), Status> {
+    let none = Span(0, 0);
+    // SAFETY: forwarded contract.
+    let (st, state, out) = unsafe { stream_parts(stream, bufs, none, none) }?;
+    let mut c = st.core()?;
+    let mut m = open_message(st, state, out)?;
+    // Every check that can fail is behind us: zeros are finite and cannot overflow, the
+    // buffers are the message's own, and putting back what was just taken out is finite.
+    let zeros = [0.0f32; 64];
+    while m.fed() < c.config().numel {
+        let k = (c.config().numel - m.fed()).min(zeros.len());
+        m.feed(&c, state, out, &zeros[..k])?;
+    }
+    let done = m.finish(&mut c, state, out)?;
+    c.restore_message(
+        state,
+        out.get(..done.bytes).ok_or(Status::ErrBufferTooSmall)?,
+    )?;
+    st.store(&c);
+    let (sa, oa) = (st.message.state_addr, st.message.out_addr);
+    st.message = IotcompressStreamMessage::from_core(&m, sa, oa);
+    Ok(())
 }
 
 /// Puts a finished message that could not be delivered back into the state: `residual +=

@@ -527,3 +527,66 @@ fn stream_restore_puts_an_undelivered_message_back() {
         );
     }
 }
+
+#[test]
+fn an_open_message_is_never_abandoned_and_abort_loses_nothing() {
+    let n = 300u32;
+    let mut c = config(n);
+    c.state_format = IOTCOMPRESS_STATE_F32;
+    let mut dev = Device::new(&c, None);
+    let earlier = gradient(n as usize, 2);
+    dev.message(&earlier, 100);
+    let core = StreamCompressor::new(StreamConfig::new(n as usize, 0.5)).unwrap();
+    let residual_before: Vec<f32> = (0..n as usize)
+        .map(|i| core.residual_at(&dev.state, i))
+        .collect();
+    let g = gradient(n as usize, 3);
+    let nan = [f32::NAN; 4];
+    let bufs = dev.bufs();
+    // SAFETY: live, disjoint buffers.
+    unsafe {
+        assert_eq!(
+            iotcompress_stream_abort(&mut dev.stream, &bufs),
+            IOTCOMPRESS_ERR_STREAM_CLOSED
+        );
+        assert_eq!(
+            iotcompress_stream_begin(&mut dev.stream, &bufs),
+            IOTCOMPRESS_OK
+        );
+        assert_eq!(
+            iotcompress_stream_feed(&mut dev.stream, &bufs, g.as_ptr(), 120),
+            IOTCOMPRESS_OK
+        );
+        assert!(
+            dev.stream.message.selected > 0,
+            "the fed chunk took entries out"
+        );
+        // The next chunk fails; beginning over would lose the first chunk's entries.
+        assert_eq!(
+            iotcompress_stream_feed(&mut dev.stream, &bufs, nan.as_ptr(), nan.len()),
+            IOTCOMPRESS_ERR_NON_FINITE_GRADIENT
+        );
+        let (stream_open, state_open) = (dev.stream, dev.state.clone());
+        assert_eq!(
+            iotcompress_stream_begin(&mut dev.stream, &bufs),
+            IOTCOMPRESS_ERR_BAD_STATE
+        );
+        assert_eq!((dev.stream, &dev.state), (stream_open, &state_open));
+        assert_eq!(
+            iotcompress_stream_abort(&mut dev.stream, &bufs),
+            IOTCOMPRESS_OK
+        );
+    }
+    // Everything the fed chunk carried is in the residual (f32 values and state: the sum of
+    // the put-back entry and what stayed is the accumulated value, up to one rounding).
+    for i in 0..n as usize {
+        let want = residual_before[i] + if i < 120 { g[i] } else { 0.0 };
+        let got = core.residual_at(&dev.state, i);
+        assert!(
+            (got - want).abs() <= 1e-6 * want.abs().max(1.0),
+            "{i}: {got} vs {want}"
+        );
+    }
+    // And the stream goes on.
+    dev.message(&g, 64);
+}
