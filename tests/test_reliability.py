@@ -371,23 +371,6 @@ def test_calls_from_threads_take_turns():
     np.testing.assert_allclose(c.residual, twin.residual, rtol=1e-4, atol=1e-3)
 
 
-def test_property_reads_wait_for_a_running_compress():
-    """Reading residual, step or residual_norm while another thread compressed raised
-    RuntimeError: Already mutably borrowed."""
-    n = 400_000
-    c = ic.Compressor(n, density=0.01, quant="int8")
-    g = randn(n, 5)
-    steps = []
-
-    def read():
-        step = c.step
-        assert np.isfinite(c.residual_norm) and c.residual.shape == (n,)
-        steps.append(step)
-
-    _run_threads(lambda: c.compress(g), read, seconds=1.0)
-    assert steps == sorted(steps)  # each read saw a whole step, never a half-done one
-
-
 def test_concurrent_decode_add_into_one_buffer_is_serialised_or_refused():
     """Two threads decode_add-ing into one buffer got TypeError: already borrowed."""
     n = 1_000_000
